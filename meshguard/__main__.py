@@ -1,0 +1,5 @@
+"""Allow ``python -m meshguard``."""
+
+from meshguard.cli import main
+
+raise SystemExit(main())
