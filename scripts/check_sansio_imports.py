@@ -35,7 +35,11 @@ def forbidden_imports(path: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    root = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parent.parent / "meshguard" / "sansio"
+    root = (
+        Path(argv[1])
+        if len(argv) > 1
+        else Path(__file__).resolve().parent.parent / "meshguard" / "sansio"
+    )
     problems = [p for path in sorted(root.rglob("*.py")) for p in forbidden_imports(path)]
     for problem in problems:
         print(problem, file=sys.stderr)
