@@ -236,9 +236,12 @@ class TrustStore:
             raise TrustStoreError(f"cannot remove {path}: {error.strerror}") from None
 
     def _scan(self) -> tuple[_Entry, ...]:
-        """Every ``.pub`` file in the directory, sorted by file name."""
+        """Every ``.pub`` file in the directory, sorted by peer name."""
         try:
-            file_names = sorted(os.listdir(self._directory))
+            file_names = sorted(
+                os.listdir(self._directory),
+                key=lambda file_name: file_name.removesuffix(PUBLIC_KEY_SUFFIX),
+            )
         except FileNotFoundError:
             return ()
         except OSError as error:
