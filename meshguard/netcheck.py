@@ -1,0 +1,174 @@
+"""``meshguard netcheck``: what the NAT in front of this host does, without a running mesh.
+
+It binds one UDP port (``--port``, default any), runs ``NatProber`` against the STUN servers
+given with ``--stun`` (or the public defaults) and prints the public endpoints, the mapping and
+filtering behaviour and whether hairpinning works. ``add_netcheck_arguments`` and
+``netcheck_command`` are what the ``meshguard`` CLI registers; ``python -m meshguard.netcheck``
+runs it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from collections.abc import Sequence
+
+from meshguard.drivers.stun_socket import (
+    UsageError,
+    local_addresses,
+    open_udp_socket,
+    parse_host_port,
+    run_prober,
+)
+from meshguard.sansio.messages import NatFiltering, NatMapping
+from meshguard.sansio.natdetect import NatProber, NatReport
+from meshguard.sansio.stun import StunTiming
+from meshguard.sansio.types import Address
+
+DEFAULT_STUN_SERVERS = ("stun.l.google.com:19302", "stun1.l.google.com:19302")
+"""Public servers on two addresses, so mapping behaviour can be compared; used only when the
+user names none. They do not support RFC 5780, so filtering stays unknown with them."""
+
+STUN_PORT = 3478
+SOFTWARE = "meshguard netcheck"
+
+_MAPPING_WORDS = {
+    NatMapping.UNKNOWN: "unknown",
+    NatMapping.NONE: "none (no NAT: the public address is a local one)",
+    NatMapping.ENDPOINT_INDEPENDENT: "endpoint-independent",
+    NatMapping.ADDRESS_DEPENDENT: "address-dependent",
+    NatMapping.ADDRESS_AND_PORT_DEPENDENT: "address-and-port-dependent",
+}
+_FILTERING_WORDS = {
+    NatFiltering.UNKNOWN: "unknown",
+    NatFiltering.ENDPOINT_INDEPENDENT: "endpoint-independent",
+    NatFiltering.ADDRESS_DEPENDENT: "address-dependent",
+    NatFiltering.ADDRESS_AND_PORT_DEPENDENT: "address-and-port-dependent",
+}
+
+
+def add_netcheck_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stun",
+        action="append",
+        metavar="HOST:PORT",
+        help="STUN server to ask (repeat; at least two addresses, or one RFC 5780 server, "
+        f"to learn the mapping behaviour); default: {', '.join(DEFAULT_STUN_SERVERS)}",
+    )
+    parser.add_argument(
+        "--port", type=int, default=0, help="local UDP port to probe from (default: any)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--rto",
+        type=float,
+        default=0.25,
+        metavar="SECONDS",
+        help="first STUN retransmission timeout; a silent server is given up after 15x this",
+    )
+
+
+def _resolve(text: str) -> Address:
+    host, port = parse_host_port(text, STUN_PORT)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot resolve STUN server {host!r}: {exc.strerror}") from exc
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)
+    address = infos[0][4]
+    return str(address[0]), int(address[1])
+
+
+def _endpoint_text(address: Address) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def report_as_dict(report: NatReport) -> dict[str, object]:
+    """The report as JSON-ready data (enum values by name, lower case)."""
+    return {
+        "public_endpoints": [_endpoint_text((e.host, e.port)) for e in report.public_endpoints],
+        "mapping": report.nat.mapping.name.lower().replace("_", "-"),
+        "filtering": report.nat.filtering.name.lower().replace("_", "-"),
+        "filtering_server": (
+            None if report.filtering_server is None else _endpoint_text(report.filtering_server)
+        ),
+        "hairpinning": report.nat.hairpinning if report.hairpinning_tested else None,
+        "observations": [
+            {"server": _endpoint_text(o.destination), "mapped": _endpoint_text(o.mapped)}
+            for o in report.observations
+        ],
+        "unanswered": [_endpoint_text(a) for a in report.unanswered],
+    }
+
+
+def format_report(report: NatReport) -> str:
+    """The report for a person to read."""
+    public = ", ".join(_endpoint_text((e.host, e.port)) for e in report.public_endpoints)
+    filtering = _FILTERING_WORDS[report.nat.filtering]
+    if report.filtering_server is not None:
+        filtering += f" (tested with {_endpoint_text(report.filtering_server)})"
+    else:
+        filtering += " (needs an RFC 5780 STUN server)"
+    if report.hairpinning_tested:
+        hairpin = "yes" if report.nat.hairpinning else "no"
+    else:
+        hairpin = "not tested (no public address learned)"
+    lines = [
+        f"public endpoints: {public or 'none learned'}",
+        f"mapping:          {_MAPPING_WORDS[report.nat.mapping]}",
+        f"filtering:        {filtering}",
+        f"hairpinning:      {hairpin}",
+        "servers:",
+    ]
+    lines += [
+        f"  {_endpoint_text(o.destination)} sees {_endpoint_text(o.mapped)}"
+        for o in report.observations
+    ]
+    lines += [f"  {_endpoint_text(a)} did not answer" for a in report.unanswered]
+    return "\n".join(lines)
+
+
+def netcheck_command(args: argparse.Namespace) -> int:
+    """Run the probe; 0 when some server answered, 1 when none did, 2 on bad input."""
+    texts: Sequence[str] = args.stun or DEFAULT_STUN_SERVERS
+    if args.rto <= 0:
+        print("meshguard: error: --rto must be positive", file=sys.stderr)
+        return 2
+    try:
+        servers = list(dict.fromkeys(_resolve(text) for text in texts))
+        dual_stack = any(":" in host for host, _ in servers)
+        sock = open_udp_socket("0.0.0.0", args.port, dual_stack=dual_stack)
+    except (UsageError, OSError, OverflowError) as exc:
+        print(f"meshguard: error: {exc}", file=sys.stderr)
+        return 2
+    with sock:
+        prober = NatProber(
+            servers,
+            local_addresses(sock, servers),
+            os.urandom,
+            StunTiming(rto=args.rto, transmissions=4, last_wait_factor=8),
+            SOFTWARE,
+        )
+        report = run_prober(sock, prober)
+    if args.json:
+        print(json.dumps(report_as_dict(report), indent=2))
+    else:
+        print(format_report(report))
+    return 0 if report.observations else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="meshguard netcheck",
+        description="Find out what the NAT in front of this host does.",
+    )
+    add_netcheck_arguments(parser)
+    return netcheck_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
