@@ -323,6 +323,7 @@ _FIELD_PRIME = 2**255 - 19
 _LOW_ORDER_PROBE = X25519PrivateKey.from_private_bytes(bytes(range(32)))
 
 
+@lru_cache(maxsize=65536)
 def is_small_order(public_key: bytes) -> bool:
     """Whether an Ed25519 public key is a point of order 1, 2, 4 or 8.
 
@@ -330,6 +331,7 @@ def is_small_order(public_key: bytes) -> bool:
     all-zero key and an all-zero signature pass for every message), so a record by it proves
     nothing. X25519 multiplies by a multiple of 8, so its result is zero exactly for the
     Montgomery forms u = (1 + y) / (1 - y) of these points (y = 1 is the identity).
+    Memoized: the same few member keys are checked again and again.
     """
     y = (int.from_bytes(public_key, "little") & ((1 << 255) - 1)) % _FIELD_PRIME
     if y == 1:

@@ -458,7 +458,47 @@ def _read_nat(reader: _Reader) -> NatInfo:
     )
 
 
+_RECORD_ENDPOINT_COUNT_AT = KEY_SIZE + 8 + 1
+_ENDPOINT_SIZES = {FAMILY_IPV4: ENDPOINT_V4_SIZE, FAMILY_IPV6: ENDPOINT_V6_SIZE}
+_DECODED_RECORDS_SIZE = 1 << 14
+_decoded_records: dict[bytes, MemberRecord] = {}
+
+
+def _record_end(data: bytes, start: int) -> int | None:
+    """Where the record at ``start`` ends, from its count and family bytes alone, or None
+    when those bytes are invalid (the full parse then says why)."""
+    pos = start + _RECORD_ENDPOINT_COUNT_AT
+    if pos >= len(data) or data[pos] > MAX_RECORD_ENDPOINTS:
+        return None
+    count = data[pos]
+    pos += 1
+    for _ in range(count):
+        if pos >= len(data) or data[pos] not in _ENDPOINT_SIZES:
+            return None
+        pos += _ENDPOINT_SIZES[data[pos]]
+    return pos + NAT_INFO_SIZE + SIGNATURE_SIZE
+
+
 def _read_record(reader: _Reader) -> MemberRecord:
+    """A record, from a cache of recently decoded ones: gossip repeats the same records, and
+    parsing endpoints into text dominates decoding."""
+    start = reader.pos
+    end = _record_end(reader.data, start)
+    if end is not None and end <= len(reader.data):
+        raw = reader.data[start:end]
+        cached = _decoded_records.get(raw)
+        if cached is not None:
+            reader.pos = end
+            return cached
+        record = _parse_record(reader)
+        if len(_decoded_records) >= _DECODED_RECORDS_SIZE:
+            del _decoded_records[next(iter(_decoded_records))]
+        _decoded_records[raw] = record
+        return record
+    return _parse_record(reader)
+
+
+def _parse_record(reader: _Reader) -> MemberRecord:
     public_key = reader.take(KEY_SIZE)
     incarnation = reader.u64()
     status = reader.u8()
