@@ -29,6 +29,7 @@ from meshguard.identity.trust import (
     TrustedKey,
     TrustStore,
     TrustStoreError,
+    check_name,
     is_valid_name,
     public_key_from_argument,
 )
@@ -65,6 +66,16 @@ def _own_identity_if_usable(paths: ConfigPaths) -> Identity | None:
         return None
 
 
+def _ensure_config_dir(paths: ConfigPaths) -> None:
+    """Create the configuration directory, private to its owner, if it does not exist."""
+    try:
+        paths.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"cannot create the config directory {paths.directory}: {error.strerror}"
+        ) from None
+
+
 def _keygen(args: argparse.Namespace) -> int:
     paths = config_paths_of(args)
     if not args.force and os.path.lexists(paths.private_key):
@@ -72,12 +83,7 @@ def _keygen(args: argparse.Namespace) -> int:
             f"refusing to overwrite the existing key file {paths.private_key} "
             "(use --force to replace it)"
         )
-    try:
-        paths.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(
-            f"cannot create the config directory {paths.directory}: {error.strerror}"
-        ) from None
+    _ensure_config_dir(paths)
     identity = Identity.generate(os.urandom)
     save_identity(paths.private_key, identity, force=args.force)
     print(f"new identity saved to {paths.private_key}")
@@ -109,15 +115,14 @@ def _peer_key(key_name_or_file: str, store: TrustStore) -> bytes:
     """A key given as base64, as a ``.pub`` file, or as the name of a trusted peer."""
     try:
         return public_key_from_argument(key_name_or_file)
-    except TrustStoreError:
+    except TrustStoreError as error:
         if not is_valid_name(key_name_or_file):
             raise
+        not_a_key = error
     for trusted in store.list():
         if trusted.name == key_name_or_file:
             return trusted.public_key
-    raise UserError(
-        f"{key_name_or_file!r} is neither a public key, a .pub file nor a trusted peer's name"
-    )
+    raise UserError(f"{not_a_key}, and no trusted peer has that name")
 
 
 def _register_identity(subparsers: Subparsers) -> None:
@@ -144,10 +149,12 @@ def _register_identity(subparsers: Subparsers) -> None:
 def _trust_add(args: argparse.Namespace) -> int:
     paths = config_paths_of(args)
     store = TrustStore(paths.authorized_keys)
+    check_name(args.name)
     public_key = public_key_from_argument(args.key_or_file)
     own = _own_identity_if_usable(paths)
     if own is not None and own.public_key == public_key:
         raise UserError("that is this node's own public key")
+    _ensure_config_dir(paths)
     added = store.add(args.name, public_key)
     print(f"trusted {added.name}: {public_key_to_base64(public_key)}")
     names = {trusted.public_key: trusted.name for trusted in store.list()}

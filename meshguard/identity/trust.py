@@ -196,6 +196,9 @@ class TrustStore:
                 raise TrustStoreError(f"this key is already trusted as {entry.name!r}")
         try:
             self._directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        except OSError as error:
+            raise TrustStoreError(f"cannot create {self._directory}: {error.strerror}") from None
+        try:
             content = f"{public_key_to_base64(public_key)}\n".encode("ascii")
             write_atomically(path, content, mode=PUBLIC_KEY_FILE_MODE, overwrite=False)
         except FileExistsError:
