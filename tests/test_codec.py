@@ -513,6 +513,18 @@ def test_each_update_adds_exactly_its_update_size() -> None:
     assert codec.update_size(Suspect(bytes(32), 1, bytes(32))) == 73
 
 
+def test_the_capacities_quoted_in_the_wire_document() -> None:
+    accusation = Suspect(BOB.public_key, 1, CAROL.public_key)
+    assert codec.encoded_size(Ping(1, BOB.public_key, (accusation,) * 16)) <= codec.MAX_DATAGRAM
+    assert codec.encoded_size(Ping(1, BOB.public_key, (accusation,) * 17)) > codec.MAX_DATAGRAM
+    alive = Alive(ALICE.record(1, Endpoint("192.0.2.1", 1), Endpoint("192.0.2.2", 2)))
+    assert codec.update_size(alive) == 124
+    assert codec.encoded_size(Ping(1, BOB.public_key, (alive,) * 9)) <= codec.MAX_DATAGRAM
+    assert codec.encoded_size(Ping(1, BOB.public_key, (alive,) * 10)) > codec.MAX_DATAGRAM
+    entry = StateEntry(ALICE.record(1, Endpoint("192.0.2.1", 1)))
+    assert [len(c) for c in codec.chunk_state_entries([entry] * 25)] == [10, 10, 5]
+
+
 def test_state_entries_chunk_into_datagrams_within_budget() -> None:
     members = [Member.from_byte(n) for n in range(10, 60)]
     entries = [

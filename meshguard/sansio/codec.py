@@ -190,7 +190,7 @@ def seal(message: Message, sender_key_id: bytes, key: bytes, nonce: bytes) -> by
     """The datagram carrying ``message`` from the member ``sender_key_id`` under ``key``.
 
     ``nonce`` is 12 bytes from the injected entropy; with random nonces a pair can send
-    2**32 datagrams before a repeat becomes a 2**-32 risk.
+    2**32 datagrams before the chance of any repeat reaches 2**-33.
     """
     if type(sender_key_id) is not bytes or len(sender_key_id) != KEY_ID_SIZE:
         raise LocalProtocolError(f"sender key id must be {KEY_ID_SIZE} bytes")

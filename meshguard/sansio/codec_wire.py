@@ -75,7 +75,7 @@ U64_MAX = 2**64 - 1
 U16_MAX = 2**16 - 1
 
 MAX_UPDATES = 64
-"""Piggybacked updates per message; a 1280-byte datagram holds at most 17."""
+"""Piggybacked updates per message; a 1280-byte datagram holds at most 16."""
 MAX_RECORD_ENDPOINTS = 16
 MAX_CANDIDATES = 16
 MAX_STATE_ENTRIES = 255
