@@ -6,7 +6,9 @@ import base64
 import contextlib
 import dataclasses
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -145,6 +147,23 @@ def test_derived_keys_agree_on_a_shared_secret(seed_a: bytes, seed_b: bytes) -> 
     )
     assert secret_ab == secret_ba
     assert secret_ab != bytes(32)
+
+
+def test_wireguard_tools_derive_the_same_public_key() -> None:
+    wg = shutil.which("wg")
+    if wg is None:
+        pytest.skip("wireguard-tools (wg) is not installed")
+    for seed in (SODIUM_SEED, RFC8032_SEED, bytes(range(32))):
+        identity = Identity.from_seed(seed)
+        result = subprocess.run(
+            [wg, "pubkey"],
+            input=base64.b64encode(identity.x25519_private).decode() + "\n",
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+        assert result.stdout.strip() == base64.b64encode(identity.x25519_public).decode()
 
 
 def test_conversion_of_invalid_key_raises_value_error() -> None:
