@@ -371,6 +371,37 @@ def test_malformed_bodies_are_rejected(message_type: int, body: bytes, reason: s
     assert reason in body_error(message_type, body)
 
 
+def test_a_record_decoded_before_is_still_validated_in_a_new_context() -> None:
+    good = record_body()
+    first = codec.open_datagram(seal_raw_body(MessageType.ENDPOINT_UPDATE, good, KEY), KEY)
+    again = codec.open_datagram(
+        seal_raw_body(MessageType.ACK, bytes(8) + b"\x01\x01" + good, KEY), KEY
+    )
+    assert isinstance(first, EndpointUpdate)
+    assert again == Ack(0, (Alive(first.record),))
+    assert "trailing" in body_error(MessageType.ENDPOINT_UPDATE, good + b"\x00")
+    assert "NAT flags" in body_error(
+        MessageType.ENDPOINT_UPDATE, good[:-67] + b"\x00\x00\x08" + good[-64:]
+    )
+
+
+def test_a_relayed_meshguard_datagram_survives_the_relay() -> None:
+    inner = codec.seal(Ping(9, CAROL.public_key), codec.key_id(ALICE.public_key),
+                       ALICE.key_with(CAROL), NONCE)
+    to_relay = codec.seal(RelayEnvelope(CAROL.public_key, inner), codec.key_id(ALICE.public_key),
+                          ALICE.key_with(BOB), NONCE)
+    envelope = codec.open_datagram(to_relay, BOB.key_with(ALICE))
+    assert envelope == RelayEnvelope(CAROL.public_key, inner)
+    forwarded = codec.seal(RelayEnvelope(ALICE.public_key, envelope.payload),
+                           codec.key_id(BOB.public_key), BOB.key_with(CAROL), NONCE)
+    delivered = codec.open_datagram(forwarded, CAROL.key_with(BOB))
+    assert isinstance(delivered, RelayEnvelope)
+    assert codec.peek_sender(delivered.payload) == codec.key_id(delivered.peer)
+    assert codec.open_datagram(delivered.payload, CAROL.key_with(ALICE)) == Ping(
+        9, CAROL.public_key
+    )
+
+
 def test_state_entry_accusation_is_about_the_entry_member() -> None:
     body = bytes(8) + b"\x00\x00\x00\x01\x00\x01" + record_body() + b"\x02" + bytes(8) + bytes(32)
     message = codec.open_datagram(seal_raw_body(MessageType.STATE_SYNC, body, KEY), KEY)

@@ -79,9 +79,10 @@ __all__ = [
 ]
 
 MAX_DATAGRAM = 1280
-"""UDP payload budget of every meshguard datagram: the IPv6 minimum MTU minus nothing, so no
-path needs fragmentation once the IP and UDP headers fit below the link MTU (relay envelopes
-carrying full WireGuard packets are the one exception the caller sizes itself)."""
+"""UDP payload budget of meshguard's own datagrams: with IP and UDP headers a packet of at
+most 1328 bytes, below the MTU of common paths (1500 Ethernet, 1492 PPPoE, 1420 tunnels), so
+gossip is not fragmented. ``seal`` does not enforce it: a relay envelope carrying a full
+WireGuard packet is larger, and its sender sizes it."""
 
 MAGIC = b"mg"
 VERSION = 1
@@ -232,6 +233,7 @@ def peek_sender(datagram: bytes) -> bytes:
 def open_datagram(datagram: bytes, key: bytes) -> Message:
     """Authenticate and decode a datagram sealed under ``key``; ``DecodeError`` otherwise.
 
+    ``key`` must be a 32-byte pair key (anything else is caller misuse, ``LocalProtocolError``).
     A datagram whose sender key id is the receiver's own must be dropped before this call:
     the pair key is symmetric, so only the sender id in the authenticated header stops a
     datagram from being reflected back to its author.
@@ -288,6 +290,8 @@ def record_signing_bytes(record: MemberRecord) -> bytes:
 
 def canonical_endpoint(endpoint: Endpoint) -> Endpoint:
     """``endpoint`` with its host in the canonical text form the decoder produces."""
+    if type(endpoint.host) is not str:
+        raise LocalProtocolError(f"endpoint host must be a string: {endpoint.host!r}")
     try:
         host = str(ipaddress.ip_address(endpoint.host))
     except ValueError:
@@ -331,7 +335,8 @@ def is_small_order(public_key: bytes) -> bool:
     all-zero key and an all-zero signature pass for every message), so a record by it proves
     nothing. X25519 multiplies by a multiple of 8, so its result is zero exactly for the
     Montgomery forms u = (1 + y) / (1 - y) of these points (y = 1 is the identity).
-    Memoized: the same few member keys are checked again and again.
+    A 32-byte string that is no curve point at all may also answer True; it fails
+    verification anyway. Memoized: the same few member keys are checked again and again.
     """
     y = (int.from_bytes(public_key, "little") & ((1 << 255) - 1)) % _FIELD_PRIME
     if y == 1:
