@@ -1,0 +1,198 @@
+"""The event loop: moves packets between the TUN device, the UDP socket and a core.
+
+Everything is done in batches: read the TUN until it is empty (bounded), cut TSO
+super-packets into MTU-sized packets, hand them to the core in one ``send_packets`` call,
+then send what the core produced grouped by destination with UDP GSO. The other way: read
+UDP (GRO runs) until empty (bounded), one ``receive_datagrams`` call per sender run, then
+write the decrypted packets to the TUN with adjacent TCP segments coalesced into TSO writes.
+One timer, re-armed from ``next_deadline`` after every round.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import logging
+import os
+import select
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+from meshguard.drivers import offload
+from meshguard.drivers.core import Core
+from meshguard.drivers.tun import MAX_READ, TunDevice
+from meshguard.drivers.udp import UdpSocket
+
+log = logging.getLogger("meshguard.dataplane")
+
+TUN_READS_PER_ROUND = 32
+PACKETS_PER_ROUND = 512
+UDP_READS_PER_ROUND = 64
+
+
+@dataclass
+class DataPlaneCounters:
+    """What the loop dropped or worked around, for logs and tests."""
+
+    tun_reads: int = 0
+    tun_read_drops: int = 0
+    tun_writes: int = 0
+    tun_write_errors: int = 0
+    udp_batches: int = 0
+
+
+class DataPlane:
+    """Drives one core with one TUN device and one UDP socket until stopped."""
+
+    def __init__(
+        self,
+        core: Core,
+        tun: TunDevice,
+        udp: UdpSocket,
+        *,
+        mtu: int,
+        on_event: Callable[[object], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.core = core
+        self.tun = tun
+        self.udp = udp
+        self.mtu = mtu
+        self.on_event = on_event
+        self.clock = clock
+        self.counters = DataPlaneCounters()
+        self._stop_read, self._stop_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = False
+        self._readers: dict[int, Callable[[], None]] = {}
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` from the loop whenever ``fd`` is readable (e.g. a control socket).
+
+        The callback may use the core; what it makes the core produce is sent right after.
+        """
+        self._readers[fd] = callback
+
+    def stop(self) -> None:
+        """Ask the loop to return; safe from a signal handler or another thread."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._stop_write, b"x")
+
+    def close(self) -> None:
+        os.close(self._stop_read)
+        os.close(self._stop_write)
+
+    def run(self) -> None:
+        tun_fd = self.tun.fileno()
+        udp_fd = self.udp.fileno()
+        poller = select.epoll()
+        poller.register(tun_fd, select.EPOLLIN)
+        poller.register(udp_fd, select.EPOLLIN)
+        poller.register(self._stop_read, select.EPOLLIN)
+        for fd in self._readers:
+            poller.register(fd, select.EPOLLIN)
+        try:
+            while not self._stopping:
+                deadline = self.core.next_deadline()
+                timeout = -1.0 if deadline is None else max(0.0, deadline - self.clock())
+                ready = poller.poll(timeout)
+                for fd, _mask in ready:
+                    if fd == udp_fd:
+                        self._from_network()
+                    elif fd == tun_fd:
+                        self._from_tun()
+                    elif fd == self._stop_read:
+                        self._stopping = True
+                    else:
+                        self._readers[fd]()
+                        self._flush()
+                deadline = self.core.next_deadline()
+                if deadline is not None and self.clock() >= deadline:
+                    self.core.on_timer(self.clock())
+                    self._flush()
+        finally:
+            poller.close()
+
+    def _from_tun(self) -> None:
+        read = os.read
+        fd = self.tun.fileno()
+        packets: list[bytes] = []
+        vnet = self.tun.vnet_hdr
+        mtu = self.mtu
+        for _ in range(TUN_READS_PER_ROUND):
+            try:
+                buf = read(fd, MAX_READ)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.counters.tun_read_drops += 1
+                break
+            self.counters.tun_reads += 1
+            if not vnet:
+                packets.append(buf)
+            elif buf[1] == offload.GSO_NONE and not buf[0] & offload.F_NEEDS_CSUM:
+                packets.append(buf[offload.VNET_HDR_LEN :])
+            else:
+                try:
+                    packets.extend(offload.segment(buf, mtu))
+                except (offload.OffloadError, IndexError, ValueError):
+                    self.counters.tun_read_drops += 1
+            if len(packets) >= PACKETS_PER_ROUND:
+                break
+        if packets:
+            self.core.send_packets(packets, self.clock())
+            self._flush()
+
+    def _from_network(self) -> None:
+        runs = self.udp.receive(UDP_READS_PER_ROUND)
+        if not runs:
+            return
+        now = self.clock()
+        receive = self.core.receive_datagrams
+        for datagrams, address in runs:
+            receive(datagrams, address, now)
+        self.counters.udp_batches += len(runs)
+        self._flush()
+
+    def _flush(self) -> None:
+        core = self.core
+        datagrams = core.datagrams_to_send()
+        if datagrams:
+            self.udp.send(datagrams)
+        packets = core.tun_packets()
+        if packets:
+            self._write_tun(packets)
+        events = core.events()
+        if events and self.on_event is not None:
+            for event in events:
+                self.on_event(event)
+
+    def _write_tun(self, packets: list[bytes]) -> None:
+        write = os.write
+        fd = self.tun.fileno()
+        writes = offload.coalesce(packets) if self.tun.vnet_hdr else packets
+        for data in writes:
+            try:
+                write(fd, data)
+            except OSError as error:
+                self.counters.tun_write_errors += 1
+                if error.errno not in (errno.EIO, errno.EINVAL, errno.EAGAIN, errno.ENOBUFS):
+                    log.warning("tun write failed: %s", error)
+        self.counters.tun_writes += len(writes)
+
+
+def describe(event: object) -> str:
+    """An event as ``Name field=value ...`` (bytes as base64), for one log line."""
+    parts = [type(event).__name__]
+    try:
+        names = [field.name for field in fields(event)]  # type: ignore[arg-type]
+    except TypeError:
+        return parts[0]
+    for name in names:
+        value = getattr(event, name)
+        if isinstance(value, bytes):
+            value = base64.b64encode(value).decode()
+        parts.append(f"{name}={value}")
+    return " ".join(parts)

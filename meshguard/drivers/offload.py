@@ -1,0 +1,357 @@
+"""TUN offload support: virtio-net headers, TCP segmentation and TCP coalescing.
+
+With ``IFF_VNET_HDR`` and ``TUNSETOFFLOAD`` the kernel hands the TUN reader TCP "super-packets"
+of up to 64 KiB (TSO) with a checksum left to fill in, and accepts such super-packets on write
+(so one write carries many received segments up the stack). Everything that goes on the wire
+must still be an ordinary MTU-sized IP packet inside a standard WireGuard message, so
+:func:`segment` cuts super-packets into MTU-sized packets with correct IPv4/IPv6 and TCP
+headers, and :class:`TcpCoalescer` glues decrypted in-order TCP segments back together for the
+write side.
+
+Checksums use the identity 65536 ≡ 1 (mod 0xFFFF): the ones' complement sum of the 16-bit
+words of ``data`` is ``int.from_bytes(data, "big") % 0xFFFF``, computed in C in one pass.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import numpy
+
+VNET_HDR_LEN = 10
+"""Size of ``struct virtio_net_hdr`` (no ``num_buffers``), set with ``TUNSETVNETHDRSZ``."""
+
+F_NEEDS_CSUM = 1
+F_DATA_VALID = 2
+GSO_NONE = 0
+GSO_TCPV4 = 1
+GSO_UDP = 3
+GSO_TCPV6 = 4
+GSO_ECN = 0x80
+
+_PROTO_TCP = 6
+_TCP_FIN = 0x01
+_TCP_PSH = 0x08
+_TCP_ACK = 0x10
+_TCP_CWR = 0x80
+
+_VNET = struct.Struct("<BBHHHH")
+DATA_VALID_HEADER = _VNET.pack(F_DATA_VALID, GSO_NONE, 0, 0, 0, 0)
+"""Header for a packet written to the TUN whose checksum needs no verification (the
+WireGuard tag authenticated it, as the kernel's WireGuard marks CHECKSUM_UNNECESSARY)."""
+
+_MAX_IP_PACKET = 65535
+
+
+class OffloadError(ValueError):
+    """A packet from the TUN cannot be segmented (malformed header); the caller drops it."""
+
+
+def ones_sum(data: bytes | bytearray | memoryview) -> int:
+    """Ones' complement sum of ``data`` as 16-bit big-endian words (odd length zero-padded).
+
+    Returns a value in [0, 0xFFFE] that is congruent to the RFC 1071 sum modulo 0xFFFF;
+    partial sums add with ``+`` and reduce with ``% 0xFFFF`` at the end.
+    """
+    value = int.from_bytes(data, "big")
+    if len(data) & 1:
+        value <<= 8
+    return value % 0xFFFF
+
+
+def finish_checksum(total: int) -> int:
+    """The checksum field value for a ones' complement sum (never 0, so valid for UDP too)."""
+    return 0xFFFF - total % 0xFFFF
+
+
+def parse_vnet_header(buf: bytes) -> tuple[int, int, int, int, int, int]:
+    """(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) of a TUN read."""
+    if len(buf) < VNET_HDR_LEN:
+        raise OffloadError("read shorter than the virtio-net header")
+    return _VNET.unpack_from(buf)
+
+
+def build_vnet_header(
+    flags: int = 0,
+    gso_type: int = GSO_NONE,
+    hdr_len: int = 0,
+    gso_size: int = 0,
+    csum_start: int = 0,
+    csum_offset: int = 0,
+) -> bytes:
+    return _VNET.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
+
+
+def _pseudo_sum(packet: bytes) -> int:
+    """Ones' complement sum of the pseudo-header's addresses and protocol (not its length)."""
+    if packet[0] >> 4 == 4:
+        return ones_sum(packet[12:20]) + packet[9]
+    return ones_sum(packet[8:40]) + packet[6]
+
+
+def complete_checksum(packet: bytes, csum_start: int, csum_offset: int) -> bytes:
+    """Fill in a CHECKSUM_PARTIAL checksum: the field already holds the pseudo-header sum."""
+    field = csum_start + csum_offset
+    if field + 2 > len(packet) or csum_start >= len(packet):
+        raise OffloadError("checksum offsets outside the packet")
+    checksum = finish_checksum(ones_sum(memoryview(packet)[csum_start:]))
+    return packet[:field] + checksum.to_bytes(2, "big") + packet[field + 2 :]
+
+
+def segment(buf: bytes, mtu: int) -> list[bytes]:
+    """The MTU-sized IP packets carried by one TUN read (virtio-net header + packet).
+
+    A TSO super-packet is cut into segments of ``gso_size`` payload bytes each with its own
+    IP header (length, IPv4 identification and header checksum) and TCP header (sequence
+    number, FIN/PSH only on the last segment, CWR only on the first, full checksum). A
+    non-GSO packet with a pending checksum gets it filled in. Raises :class:`OffloadError`
+    for a header that does not describe the packet; the caller drops the read.
+    """
+    flags, gso_type, _, gso_size, csum_start, csum_offset = _VNET.unpack_from(buf)
+    packet = buf[VNET_HDR_LEN:]
+    gso_type &= ~GSO_ECN
+    if gso_type == GSO_NONE:
+        if flags & F_NEEDS_CSUM:
+            return [complete_checksum(packet, csum_start, csum_offset)]
+        return [packet]
+    if gso_type in (GSO_TCPV4, GSO_TCPV6):
+        return _segment_tcp(packet, gso_type == GSO_TCPV4, gso_size, csum_start, mtu)
+    raise OffloadError(f"unsupported GSO type {gso_type}")
+
+
+def _chunk_sums(payload: memoryview, size: int) -> list[int]:
+    """Ones' complement sums (big-endian words) of each ``size``-byte chunk of ``payload``.
+
+    numpy sums all full chunks in one call; a ones' complement sum of little-endian words is
+    the byte swap of the big-endian one, and reading little-endian is the fast native order.
+    """
+    full = len(payload) // size if size % 2 == 0 else 0
+    sums: list[int] = []
+    if full:
+        words = numpy.frombuffer(payload[: full * size], "<u2").reshape(full, size // 2)
+        for value in words.sum(axis=1, dtype=numpy.uint32).tolist():
+            value %= 0xFFFF
+            sums.append((value >> 8) | (value & 0xFF) << 8)
+    for start in range(full * size, len(payload), size):
+        sums.append(ones_sum(payload[start : start + size]))
+    if not sums:
+        sums.append(0)
+    return sums
+
+
+_TCP_HEADER = struct.Struct("!4sI4sH2sH")
+_IPV4_HEADER = struct.Struct("!2sHH4sH8s")
+
+
+def _segment_tcp(packet: bytes, ipv4: bool, gso_size: int, l4: int, mtu: int) -> list[bytes]:
+    if len(packet) < l4 + 20 or gso_size == 0 or (packet[0] >> 4) != (4 if ipv4 else 6):
+        raise OffloadError("malformed TSO packet")
+    if ipv4 and (l4 != (packet[0] & 0x0F) * 4 or packet[9] != _PROTO_TCP):
+        raise OffloadError("TSO IPv4 packet with IP options or not TCP")
+    if not ipv4 and (l4 != 40 or packet[6] != _PROTO_TCP):
+        raise OffloadError("TSO IPv6 packet with extension headers or not TCP")
+    tcp_len = (packet[l4 + 12] >> 4) * 4
+    payload_start = l4 + tcp_len
+    if tcp_len < 20 or payload_start > len(packet):
+        raise OffloadError("malformed TCP header in TSO packet")
+    if payload_start + gso_size > mtu:
+        raise OffloadError("TSO segment larger than the MTU")
+    ports = packet[l4 : l4 + 4]
+    seq0 = int.from_bytes(packet[l4 + 4 : l4 + 8], "big")
+    ack = packet[l4 + 8 : l4 + 12]
+    offset_word = packet[l4 + 12] << 8
+    tcp_flags = packet[l4 + 13]
+    window = packet[l4 + 14 : l4 + 16]
+    urgent_options = packet[l4 + 18 : payload_start]
+    # TCP checksum words that are the same in every segment, summed once.
+    tcp_fixed = (
+        _pseudo_sum(packet)
+        + ones_sum(ports)
+        + ones_sum(ack)
+        + int.from_bytes(window, "big")
+        + ones_sum(urgent_options)
+    )
+    payload = memoryview(packet)[payload_start:]
+    sums = _chunk_sums(payload, gso_size)
+    count = len(sums)
+    last = count - 1
+    first_flags = tcp_flags & ~(_TCP_FIN | _TCP_PSH)
+    middle_flags = first_flags & ~_TCP_CWR
+    last_flags = tcp_flags & ~_TCP_CWR
+    pack_tcp = _TCP_HEADER.pack
+    if ipv4:
+        ip_id0 = int.from_bytes(packet[4:6], "big")
+        ip_version_tos = packet[0:2]
+        ip_frag_ttl_proto = packet[6:10]
+        ip_addresses = packet[12:20]
+        # IPv4 header checksum words except total length and identification.
+        ip_fixed = (
+            int.from_bytes(ip_version_tos, "big")
+            + ones_sum(ip_frag_ttl_proto)
+            + ones_sum(ip_addresses)
+        )
+        pack_ip = _IPV4_HEADER.pack
+    else:
+        ip_front = packet[0:4]
+        ip_back = packet[6:40]
+    segments = []
+    offset = 0
+    l4_len = tcp_len + gso_size
+    for index, chunk_sum in enumerate(sums):
+        if index == last:
+            flags = last_flags if index else tcp_flags
+            l4_len = tcp_len + len(payload) - offset
+        else:
+            flags = middle_flags if index else first_flags
+        seq = (seq0 + offset) & 0xFFFFFFFF
+        flag_word = offset_word | flags
+        csum = 0xFFFF - (
+            tcp_fixed + (seq >> 16) + (seq & 0xFFFF) + flag_word + l4_len + chunk_sum
+        ) % 0xFFFF
+        tcp_header = pack_tcp(ports, seq, ack, flag_word, window, csum) + urgent_options
+        if ipv4:
+            length = l4 + l4_len
+            ip_id = (ip_id0 + index) & 0xFFFF
+            ip = pack_ip(
+                ip_version_tos,
+                length,
+                ip_id,
+                ip_frag_ttl_proto,
+                0xFFFF - (ip_fixed + length + ip_id) % 0xFFFF,
+                ip_addresses,
+            )
+        else:
+            ip = ip_front + l4_len.to_bytes(2, "big") + ip_back
+        segments.append(b"".join((ip, tcp_header, payload[offset : offset + gso_size])))
+        offset += gso_size
+    return segments
+
+
+def _coalesce_key(packet: bytes) -> tuple[bytes, int, int, int, int] | None:
+    """(flow key, L4 offset, TCP header length, sequence number, flags) of a TCP segment
+    that may be glued to its neighbours, or None if it must be written on its own.
+
+    The key holds every header byte that must be equal within one super-packet: addresses,
+    ports, acknowledgement, window, options, TOS/traffic class, TTL/hop limit.
+    """
+    if len(packet) < 40:
+        return None
+    version = packet[0] >> 4
+    if version == 4:
+        if (
+            packet[0] != 0x45
+            or packet[9] != _PROTO_TCP
+            or packet[6] & 0x3F
+            or packet[7]
+            or int.from_bytes(packet[2:4], "big") != len(packet)
+        ):
+            return None
+        l4 = 20
+        ip_key = packet[0:2] + packet[6:10] + packet[12:20]
+    elif version == 6:
+        if len(packet) < 60 or packet[6] != _PROTO_TCP or (
+            int.from_bytes(packet[4:6], "big") + 40 != len(packet)
+        ):
+            return None
+        l4 = 40
+        ip_key = packet[0:4] + packet[7:40]
+    else:
+        return None
+    tcp_len = (packet[l4 + 12] >> 4) * 4
+    flags = packet[l4 + 13]
+    if tcp_len < 20 or l4 + tcp_len >= len(packet) or flags & ~_TCP_PSH != _TCP_ACK:
+        return None
+    key = (
+        ip_key
+        + packet[l4 : l4 + 4]
+        + packet[l4 + 8 : l4 + 13]
+        + packet[l4 + 14 : l4 + 16]
+        + packet[l4 + 18 : l4 + tcp_len]
+    )
+    return key, l4, tcp_len, int.from_bytes(packet[l4 + 4 : l4 + 8], "big"), flags
+
+
+def _super_packet(first: bytes, l4: int, tcp_len: int, payloads: list[bytes], psh: int) -> bytes:
+    """One TUN write (virtio-net header + TSO packet) carrying the segments' payloads."""
+    gso_size = len(payloads[0])
+    payload = b"".join(payloads)
+    l4_len = tcp_len + len(payload)
+    tcp_header = first[l4 : l4 + 13] + bytes((_TCP_ACK | psh,)) + first[l4 + 14 : l4 + tcp_len]
+    # With F_NEEDS_CSUM the checksum field holds the pseudo-header sum, not yet complemented.
+    partial = (_pseudo_sum(first) + l4_len) % 0xFFFF or 0xFFFF
+    tcp_header = tcp_header[:16] + partial.to_bytes(2, "big") + tcp_header[18:]
+    if l4 == 20:
+        length = 20 + l4_len
+        ip_fixed = ones_sum(first[0:2]) + ones_sum(first[4:10]) + ones_sum(first[12:20])
+        ip = (
+            first[0:2]
+            + length.to_bytes(2, "big")
+            + first[4:10]
+            + finish_checksum(ip_fixed + length).to_bytes(2, "big")
+            + first[12:20]
+        )
+        gso_type = GSO_TCPV4
+    else:
+        ip = first[0:4] + l4_len.to_bytes(2, "big") + first[6:40]
+        gso_type = GSO_TCPV6
+    header = _VNET.pack(F_NEEDS_CSUM, gso_type, l4 + tcp_len, gso_size, l4, 16)
+    return header + ip + tcp_header + payload
+
+
+def coalesce(packets: Sequence[bytes]) -> list[bytes]:
+    """TUN writes (each with a virtio-net header) for decrypted packets, in order.
+
+    Runs of adjacent in-order TCP segments of one flow, all of one size except possibly a
+    shorter last one, become one TSO super-packet (the receive-side twin of :func:`segment`,
+    like GRO), so the kernel's stack sees one packet per run and we make one write. Anything
+    else is written alone, marked checksum-valid.
+    """
+    writes: list[bytes] = []
+    run: list[bytes] = []
+    run_first = b""
+    run_key = b""
+    run_l4 = run_tcp_len = run_next_seq = run_size = run_length = 0
+    for packet in packets:
+        info = _coalesce_key(packet)
+        if info is not None:
+            key, l4, tcp_len, seq, flags = info
+            payload_start = l4 + tcp_len
+            size = len(packet) - payload_start
+            if (
+                run
+                and key == run_key
+                and seq == run_next_seq
+                and size <= run_size
+                and run_length + size <= _MAX_IP_PACKET
+            ):
+                run.append(packet[payload_start:])
+                run_next_seq = (seq + size) & 0xFFFFFFFF
+                run_length += size
+                if size < run_size or flags & _TCP_PSH:
+                    writes.append(_finish_run(run_first, run_l4, run_tcp_len, run, flags))
+                    run = []
+                continue
+            if run:
+                writes.append(_finish_run(run_first, run_l4, run_tcp_len, run, 0))
+                run = []
+            if not flags & _TCP_PSH:
+                run = [packet[payload_start:]]
+                run_first, run_key, run_l4, run_tcp_len = packet, key, l4, tcp_len
+                run_next_seq = (seq + size) & 0xFFFFFFFF
+                run_size = size
+                run_length = payload_start + size
+                continue
+        elif run:
+            writes.append(_finish_run(run_first, run_l4, run_tcp_len, run, 0))
+            run = []
+        writes.append(DATA_VALID_HEADER + packet)
+    if run:
+        writes.append(_finish_run(run_first, run_l4, run_tcp_len, run, 0))
+    return writes
+
+
+def _finish_run(first: bytes, l4: int, tcp_len: int, payloads: list[bytes], flags: int) -> bytes:
+    if len(payloads) == 1:
+        return DATA_VALID_HEADER + first
+    return _super_packet(first, l4, tcp_len, payloads, flags & _TCP_PSH)
