@@ -83,7 +83,7 @@ def _corrupt(document: dict[str, object], change: str) -> bytes:
     elif change == "last_seen":
         member["last_seen"] = float("nan")
     elif change == "duplicate":
-        document["members"] = [member, member]  # type: ignore[list-item]
+        document["members"] = [member, member]
     return json.dumps(document).encode()
 
 
