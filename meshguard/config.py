@@ -47,9 +47,7 @@ def config_dir(environ: Mapping[str, str] | None = None, euid: int | None = None
         try:
             home = str(Path.home())
         except RuntimeError:
-            raise UserError(
-                f"cannot determine the home directory; set {CONFIG_DIR_ENV}"
-            ) from None
+            raise UserError(f"cannot determine the home directory; set {CONFIG_DIR_ENV}") from None
     return Path(home) / ".config" / "meshguard"
 
 

@@ -206,8 +206,14 @@ def test_trust_add_list_remove(
         (["trust", "add", "/no/such/file.pub", "--name", "x"], "no such file"),
         (["trust", "add", FRIEND_KEY], "required: --name"),
         (["trust", "remove", "nobody"], "no trusted key named 'nobody'"),
-        (["trust", "remove", base64.b64encode(Identity.from_seed(bytes(32)).public_key).decode()],
-         "is not trusted"),
+        (
+            [
+                "trust",
+                "remove",
+                base64.b64encode(Identity.from_seed(bytes(32)).public_key).decode(),
+            ],
+            "is not trusted",
+        ),
         (["trust"], "required: ACTION"),
         (["trust", "frobnicate"], "invalid choice: 'frobnicate'"),
         (["nonsense"], "invalid choice: 'nonsense'"),

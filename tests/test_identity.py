@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import dataclasses
 import os
+import pickle
 import shutil
 import stat
 import subprocess
@@ -227,9 +229,17 @@ def test_y_without_an_x_is_rejected() -> None:
     assert not is_valid_ed25519_public_key(encode(y, 0))
 
 
-def test_wrong_lengths_are_invalid() -> None:
+def test_wrong_lengths_and_types_are_invalid() -> None:
     for length in (0, 31, 33, 64):
         assert not is_valid_ed25519_public_key(RFC8032_PUBLIC[:length].ljust(length, b"\x01"))
+    assert not is_valid_ed25519_public_key(RFC8032_PUBLIC.hex())  # type: ignore[arg-type]
+    assert not is_valid_ed25519_public_key(None)  # type: ignore[arg-type]
+
+
+def test_bytes_like_keys_are_checked_like_bytes() -> None:
+    assert is_valid_ed25519_public_key(bytearray(RFC8032_PUBLIC))  # type: ignore[arg-type]
+    assert is_valid_ed25519_public_key(memoryview(RFC8032_PUBLIC))  # type: ignore[arg-type]
+    assert not is_valid_ed25519_public_key(bytearray(SMALL_ORDER_POINTS[0]))  # type: ignore[arg-type]
 
 
 # --- base64 text form ------------------------------------------------------------------------
@@ -308,6 +318,14 @@ def test_identity_is_immutable_and_compares_by_seed() -> None:
     assert identity == Identity.from_seed(SODIUM_SEED)
     assert hash(identity) == hash(Identity.from_seed(SODIUM_SEED))
     assert identity != Identity.from_seed(RFC8032_SEED)
+
+
+def test_identity_survives_pickle_and_deepcopy() -> None:
+    identity = Identity.from_seed(SODIUM_SEED)
+    for copied in (pickle.loads(pickle.dumps(identity)), copy.deepcopy(identity)):
+        assert copied == identity
+        assert copied.public_key == identity.public_key
+        assert verify_signature(identity.public_key, copied.sign(b"m"), b"m")
 
 
 def test_generate_takes_32_bytes_of_entropy() -> None:

@@ -103,9 +103,7 @@ def test_ipv4_substitution_rules(head: bytes, ipv4: str) -> None:
 
 def test_ipv6_all_zero_interface_id_becomes_one() -> None:
     assert mesh_ipv6_from_digest(bytes(32)) == ipaddress.IPv6Address("fd99:6d67::1")
-    assert mesh_ipv6_from_digest(bytes(8) + b"\xff" * 24) == ipaddress.IPv6Address(
-        "fd99:6d67::1"
-    )
+    assert mesh_ipv6_from_digest(bytes(8) + b"\xff" * 24) == ipaddress.IPv6Address("fd99:6d67::1")
     assert mesh_ipv6_from_digest(bytes(7) + b"\x02" + bytes(24)) == ipaddress.IPv6Address(
         "fd99:6d67::2"
     )

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meshguard.identity.keyfile import format_identity
 from meshguard.identity.keys import Identity, public_key_to_base64
 from meshguard.identity.trust import (
     TrustedKey,
@@ -218,9 +219,7 @@ def test_a_corrupt_file_can_be_removed_by_name(store: TrustStore) -> None:
         ("not/a name", "neither a peer name nor a public key"),
     ],
 )
-def test_remove_of_unknown_peer_is_refused(
-    store: TrustStore, argument: str, message: str
-) -> None:
+def test_remove_of_unknown_peer_is_refused(store: TrustStore, argument: str, message: str) -> None:
     store.add("alice", ALICE)
     before = snapshot(store.directory)
     with pytest.raises(TrustStoreError, match=message):
@@ -264,11 +263,13 @@ def test_key_argument_as_pub_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [("junk!\n", "not valid base64"), (b64(NEUTRAL_POINT), "not a valid Ed25519 public key")],
+    [
+        ("junk!\n", "not valid base64"),
+        (format_identity(Identity.from_seed(b"s" * 32)).decode(), "this is a private key file"),
+        (b64(NEUTRAL_POINT), "not a valid Ed25519 public key"),
+    ],
 )
-def test_key_argument_file_errors_name_the_file(
-    tmp_path: Path, content: str, message: str
-) -> None:
+def test_key_argument_file_errors_name_the_file(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "friend.pub"
     path.write_text(content)
     with pytest.raises(TrustStoreError, match=message) as raised:

@@ -86,7 +86,6 @@ def _has_small_order(point: _ExtendedPoint) -> bool:
     return x % _P == 0 and (y - z) % _P == 0
 
 
-@functools.lru_cache(maxsize=4096)
 def is_valid_ed25519_public_key(public_key: bytes) -> bool:
     """Whether ``public_key`` is a usable Ed25519 public key.
 
@@ -100,7 +99,20 @@ def is_valid_ed25519_public_key(public_key: bytes) -> bool:
     from any honest implementation never have one, the X25519 clamping (a multiple of 8) removes
     the torsion component from every shared secret, and excluding them would need a full scalar
     multiplication by the group order on every check.
+
+    Never raises: anything but 32 bytes (bytes-like objects are accepted) is simply invalid.
     """
+    if isinstance(public_key, bytearray | memoryview):
+        public_key = bytes(public_key)
+    if not isinstance(public_key, bytes):
+        return False
+    return _is_valid_encoding(public_key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_valid_encoding(public_key: bytes) -> bool:
+    """The check itself, memoized: it costs about 0.2 ms of big-integer arithmetic and the same
+    few keys are checked again and again."""
     point = _decode_point(public_key)
     return point is not None and not _has_small_order(point)
 
@@ -212,6 +224,10 @@ class Identity:
     def sign(self, message: bytes) -> bytes:
         """The 64-byte Ed25519 signature of ``message``."""
         return self._signing_key.sign(message)
+
+    def __reduce__(self) -> tuple[type[Identity], tuple[bytes]]:
+        """Pickle and copy by seed (the cached signing key object cannot be pickled)."""
+        return (Identity, (self.seed,))
 
     def __repr__(self) -> str:
         return f"Identity(public_key={base64.b64encode(self.public_key).decode()})"

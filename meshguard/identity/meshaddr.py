@@ -69,8 +69,6 @@ def find_collisions(public_keys: Iterable[bytes]) -> list[tuple[MeshAddress, lis
         digest = address_digest(public_key)
         for address in (mesh_ipv4_from_digest(digest), mesh_ipv6_from_digest(digest)):
             claimants.setdefault(address, set()).add(public_key)
-    collisions = [
-        (address, sorted(keys)) for address, keys in claimants.items() if len(keys) > 1
-    ]
+    collisions = [(address, sorted(keys)) for address, keys in claimants.items() if len(keys) > 1]
     collisions.sort(key=lambda item: (item[0].version, item[0]))
     return collisions

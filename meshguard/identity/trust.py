@@ -20,6 +20,7 @@ from pathlib import Path
 
 from meshguard.errors import UserError
 from meshguard.identity.atomicfile import remove_durably, write_atomically
+from meshguard.identity.keyfile import HEADER as PRIVATE_KEY_HEADER
 from meshguard.identity.keys import (
     is_valid_ed25519_public_key,
     public_key_from_base64,
@@ -105,6 +106,8 @@ def read_public_key_file(path: Path) -> bytes:
         raise ValueError("not ASCII text") from None
     if not text.strip():
         raise ValueError("empty")
+    if text.startswith(PRIVATE_KEY_HEADER):
+        raise ValueError("this is a private key file: give the peer's public key instead")
     return public_key_from_base64(text)
 
 
