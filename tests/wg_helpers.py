@@ -107,22 +107,48 @@ class Pair:
             now=now,
         )
 
-    def device(self, name: str) -> WireGuardDevice:
-        return self.a if name == "a" else self.b
+        self.sent: list[tuple[float, str, int, int]] = []
+        """Every datagram either side emitted: (time, "a" or "b", message type, size)."""
+        self.a_to_b_up = True
+        self.b_to_a_up = True
+
+    def _drain(self, now: float) -> tuple[list[bytes], list[bytes]]:
+        from_a = [data for data, _ in self.a.datagrams_to_send()]
+        from_b = [data for data, _ in self.b.datagrams_to_send()]
+        self.sent += [(now, "a", data[0], len(data)) for data in from_a]
+        self.sent += [(now, "b", data[0], len(data)) for data in from_b]
+        return (from_a if self.a_to_b_up else []), (from_b if self.b_to_a_up else [])
 
     def deliver(self, now: float, *, a_from: Address = B_ADDR, b_from: Address = A_ADDR) -> int:
-        """Move every queued datagram across until the link is quiet; how many moved."""
+        """Move every queued datagram across (unless that direction is down) until quiet."""
         moved = 0
         while True:
-            from_a = self.a.datagrams_to_send()
-            from_b = self.b.datagrams_to_send()
+            from_a, from_b = self._drain(now)
             if not from_a and not from_b:
                 return moved
-            for data, _ in from_a:
+            for data in from_a:
                 self.b.receive_datagram(data, b_from, now)
-            for data, _ in from_b:
+            for data in from_b:
                 self.a.receive_datagram(data, a_from, now)
             moved += len(from_a) + len(from_b)
+
+    def advance(self, until: float) -> None:
+        """Fire both devices' timers in time order up to ``until``, delivering as we go."""
+        while True:
+            due = [
+                d for d in (self.a.next_deadline(), self.b.next_deadline())
+                if d is not None and d <= until
+            ]
+            if not due:
+                return
+            at = min(due)
+            self.a.on_timer(at)
+            self.b.on_timer(at)
+            self.deliver(at)
+
+    def sends(self, side: str, message_type: int) -> list[float]:
+        """Times at which ``side`` emitted datagrams of ``message_type``."""
+        return [t for t, s, kind, _ in self.sent if s == side and kind == message_type]
 
     def handshake(self, now: float) -> None:
         self.a.initiate_handshake(self.b.public_key, now)

@@ -25,23 +25,25 @@ class ReplayWindow:
 
     def accept(self, counter: int) -> bool:
         """Record ``counter``; ``False`` when it was seen before, too old, or out of range."""
-        if counter >= REJECT_AFTER_MESSAGES:
-            return False
-        block = counter >> 6
-        blocks = self._blocks
         last = self._last
         if counter > last:
+            if counter >= REJECT_AFTER_MESSAGES:
+                return False
+            block = counter >> 6
             current = last >> 6
-            advance = block - current
-            if advance > _RING_BLOCKS:
-                advance = _RING_BLOCKS
-            for i in range(1, advance + 1):
-                blocks[(current + i) & _BLOCK_MASK] = 0
+            blocks = self._blocks
+            if block != current:
+                end = current + min(block - current, _RING_BLOCKS)
+                for i in range(current + 1, end + 1):
+                    blocks[i & _BLOCK_MASK] = 0
+            blocks[block & _BLOCK_MASK] |= 1 << (counter & 63)
             self._last = counter
-        elif last - counter > WINDOW_SIZE:
+            return True
+        if last - counter > WINDOW_SIZE:
             return False
-        slot = block & _BLOCK_MASK
+        slot = (counter >> 6) & _BLOCK_MASK
         bit = 1 << (counter & 63)
+        blocks = self._blocks
         word = blocks[slot]
         if word & bit:
             return False
