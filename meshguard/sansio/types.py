@@ -1,6 +1,9 @@
 """Small types shared by every machine in the core."""
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableSequence, Sequence
+from typing import Any, Protocol, TypeVar
+
+_T = TypeVar("_T")
 
 Address = tuple[str, int]
 """A UDP endpoint as (IP address string, port), the form sockets and the simulator use."""
@@ -10,3 +13,17 @@ Entropy = Callable[[int], bytes]
 
 WallClock = Callable[[], float]
 """Seconds since the Unix epoch; only the TAI64N handshake timestamp uses it (DESIGN.md §3)."""
+
+
+class RandomSource(Protocol):
+    """What the core uses of a ``random.Random`` (the core may not import ``random``)."""
+
+    def random(self) -> float: ...
+
+    def uniform(self, a: float, b: float) -> float: ...
+
+    def randrange(self, start: int, stop: int | None = None, step: int = 1) -> int: ...
+
+    def shuffle(self, x: MutableSequence[Any]) -> None: ...
+
+    def choice(self, seq: Sequence[_T]) -> _T: ...
