@@ -73,17 +73,19 @@ def _is_hostname(text: str) -> bool:
     return len(text) <= 253 and all(_HOSTNAME_LABEL.match(label) for label in labels)
 
 
-def parse_port(text: str, *, what: str) -> int:
-    """A UDP/TCP port number 1..65535 from its decimal text form."""
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise SeedError(f"{what}: port must be a number from 1 to 65535, not {text!r}")
+def parse_port(text: str, *, what: str, allow_zero: bool = False) -> int:
+    """A UDP/TCP port number 1..65535 (0 too with ``allow_zero``) from its decimal text form."""
+    lowest = 0 if allow_zero else 1
+    if not text.isdigit() or not lowest <= int(text) <= 65535:
+        raise SeedError(f"{what}: port must be a number from {lowest} to 65535, not {text!r}")
     return int(text)
 
 
-def parse_host_port(text: str, *, what: str = "seed") -> Seed:
+def parse_host_port(text: str, *, what: str = "seed", allow_zero_port: bool = False) -> Seed:
     """Parse ``HOST:PORT`` (``[IPv6]:PORT`` for IPv6 literals); raises SeedError saying why not.
 
-    ``what`` names the source in the error (``--seed``, ``seeds in meshguard.toml``, ...).
+    ``what`` names the source in the error (``--seed``, ``seeds in meshguard.toml``, ...);
+    ``allow_zero_port`` accepts port 0 (a listening address: "any free port").
     """
     text = text.strip()
     if text.startswith("["):
@@ -95,13 +97,15 @@ def parse_host_port(text: str, *, what: str = "seed") -> Seed:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise SeedError(f"{what}: {host!r} in brackets is not an IPv6 address") from None
-        return Seed(host, parse_port(port_text, what=f"{what}: {text!r}"))
+        return Seed(
+            host, parse_port(port_text, what=f"{what}: {text!r}", allow_zero=allow_zero_port)
+        )
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
         raise SeedError(f"{what}: {text!r} is not HOST:PORT")
     if ":" in host:
         raise SeedError(f"{what}: {text!r}: put an IPv6 address in brackets, as [{host}]:PORT")
-    port = parse_port(port_text, what=f"{what}: {text!r}")
+    port = parse_port(port_text, what=f"{what}: {text!r}", allow_zero=allow_zero_port)
     try:
         ipaddress.IPv4Address(host)
     except ValueError:
