@@ -124,7 +124,7 @@ def test_bad_or_busy_addresses_are_one_line_errors(server: MetricsServer) -> Non
     with pytest.raises(UserError, match=r"^--metrics: '9100' is not HOST:PORT$"):
         serve_metrics("9100", MetricsSnapshot)
     host, port = server.address
-    with pytest.raises(UserError, match="cannot listen on .*Address already in use"):
+    with pytest.raises(UserError, match=r"cannot listen on .*Address already in use"):
         serve_metrics(f"{host}:{port}", MetricsSnapshot)
 
 
