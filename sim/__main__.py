@@ -1,0 +1,72 @@
+"""``python -m sim SCENARIO.yaml [--out DIR] [--seed N] [--plot] [--quiet]``.
+
+Exit status: 0 when every invariant held, 1 when one broke (the command that reproduces it
+is printed), 2 for an invalid scenario or command line (one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sim.runner import run
+from sim.scenario import ScenarioError, load_scenario
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sim", description="Run a meshguard simulation scenario.")
+    parser.add_argument("scenario", type=Path, help="scenario YAML file")
+    parser.add_argument("--out", type=Path, help="results directory "
+                        "(default: results/<scenario name>/)")
+    parser.add_argument("--seed", type=_seed, help="master seed (overrides the scenario's)")
+    parser.add_argument("--plot", action="store_true", help="also write PNG charts")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        scenario = load_scenario(args.scenario)
+    except ScenarioError as error:
+        print(error, file=sys.stderr)
+        return 2
+    out_dir = args.out if args.out is not None else Path("results") / scenario.name
+    if out_dir.exists() and not out_dir.is_dir():
+        print(f"--out: {out_dir} exists and is not a directory", file=sys.stderr)
+        return 2
+    result = run(scenario, seed=args.seed, out_dir=out_dir, progress=not args.quiet,
+                 plot=args.plot)
+    summary = result.summary
+    print(f"scenario {summary['scenario']}: {summary['nodes']} nodes, "
+          f"{summary['sim_seconds']:g} sim s in {summary['wall_seconds']:g} wall s "
+          f"({summary['speed_factor']}x)")
+    print(f"converged_at {summary['converged_at']}  final_convergence_at "
+          f"{summary['final_convergence_at']}  false positives: "
+          f"{summary['false_positive_suspicions']} suspicions, "
+          f"{summary['false_positive_deaths']} deaths")
+    detection = summary["detection_latency_summary"]
+    for key in ("first_suspicion", "full_dissemination"):
+        if detection[key] is not None:
+            print(f"detection {key}: median {detection[key]['median']:g} s, "
+                  f"max {detection[key]['max']:g} s over {detection[key]['count']} crashes")
+    print(f"results in {out_dir}/")
+    print(f"seed {summary['seed']}  trace {summary['trace_hash']}")
+    if result.violations:
+        for violation in result.violations:
+            print(f"INVARIANT VIOLATED: {violation}", file=sys.stderr)
+        print(f"reproduce with: {result.reproduce_command()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

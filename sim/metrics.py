@@ -1,0 +1,369 @@
+"""What a run measures: the trace hash, membership ground truth against every node's view,
+convergence, failure detection, false positives, and the sampled time series.
+
+Every node's view is tracked incrementally from the membership events its core emits, so
+checking "does every live node know every live member" costs O(1) per event instead of
+O(N²) per check. At the end of a run the tracked views are compared with each core's own
+``members()`` table, so a core whose events disagree with its state is caught too.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import blake3
+
+from meshguard.sansio.types import Address
+from sim.network import Packet
+
+KNOWN_STATES = ("ALIVE", "SUSPECT")
+"""Member states in which an observer counts a member as part of its view."""
+
+_ADD_EVENTS = frozenset(("MemberJoined", "MemberAlive", "MemberSuspected"))
+_REMOVE_EVENTS = frozenset(("MemberDead", "MemberLeft", "MemberReaped"))
+
+
+class MemberViewLike(Protocol):
+    @property
+    def public_key(self) -> bytes: ...
+    @property
+    def incarnation(self) -> int: ...
+    @property
+    def state(self) -> object: ...
+
+
+class MembershipTable(Protocol):
+    """The read side of a core that the metrics inspect."""
+
+    def member(self, public_key: bytes) -> MemberViewLike | None: ...
+    def members(self) -> Sequence[MemberViewLike]: ...
+
+
+def state_name(state: object) -> str:
+    """``MemberState.ALIVE`` and ``"ALIVE"`` both read as ``"ALIVE"``."""
+    name = getattr(state, "name", None)
+    return name if isinstance(name, str) else str(state)
+
+
+class Trace:
+    """An ordered digest of everything that happened: deliveries and events.
+
+    Records are (time as IEEE double, kind, fields, payload); two runs have the same hash
+    exactly when they delivered the same bytes between the same addresses at the same times
+    and saw the same events in the same order.
+    """
+
+    def __init__(self) -> None:
+        self._hash = blake3.blake3()
+        self._addresses: dict[Address, bytes] = {}
+        self.records = 0
+
+    def _address(self, address: Address) -> bytes:
+        encoded = self._addresses.get(address)
+        if encoded is None:
+            encoded = f"{address[0]}:{address[1]}".encode()
+            encoded = struct.pack("<B", len(encoded)) + encoded
+            self._addresses[address] = encoded
+        return encoded
+
+    def delivery(self, now: float, packet: Packet) -> None:
+        update = self._hash.update
+        update(struct.pack("<cdI", b"D", now, len(packet.data)))
+        update(self._address(packet.src))
+        update(self._address(packet.dst))
+        update(packet.data)
+        self.records += 1
+
+    def event(self, now: float, text: str) -> None:
+        encoded = text.encode()
+        self._hash.update(struct.pack("<cdI", b"E", now, len(encoded)) + encoded)
+        self.records += 1
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+@dataclass(slots=True)
+class CrashRecord:
+    """How the mesh noticed one crash."""
+
+    node: str
+    crashed_at: float
+    known_by: int
+    pending: set[str]
+    first_suspicion: float | None = None
+    first_death: float | None = None
+    disseminated: float | None = None
+    restarted_before_detection: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        def after(moment: float | None) -> float | None:
+            return None if moment is None else round(moment - self.crashed_at, 6)
+
+        return {
+            "node": self.node,
+            "crashed_at": round(self.crashed_at, 6),
+            "known_by": self.known_by,
+            "first_suspicion": after(self.first_suspicion),
+            "first_death": after(self.first_death),
+            "full_dissemination": after(self.disseminated),
+            "restarted_before_detection": self.restarted_before_detection,
+        }
+
+
+@dataclass(slots=True)
+class Violation:
+    """A broken invariant, with when it was seen."""
+
+    at: float
+    invariant: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"t={self.at:.3f}s {self.invariant}: {self.detail}"
+
+
+@dataclass(slots=True)
+class Series:
+    """Sampled time series, one row per sample (and per live node for views)."""
+
+    views: list[tuple[float, str, int]] = field(default_factory=list)
+    messages: list[dict[str, float]] = field(default_factory=list)
+
+    VIEW_COLUMNS = ("time", "node", "known_members")
+    MESSAGE_COLUMNS = ("time", "live_nodes", "converged", "converged_fraction", "sent",
+                       "delivered", "lost", "partitioned", "bytes_sent", "suspicions",
+                       "deaths")
+
+
+class MembershipTracker:
+    """Ground truth (who is live) against each node's view (whom it knows)."""
+
+    def __init__(self, keys: dict[str, bytes], trace: Trace) -> None:
+        self.keys = keys
+        self.names = {key: name for name, key in keys.items()}
+        self.trace = trace
+        self.live: dict[str, None] = {}
+        self.known: dict[str, set[bytes]] = {}
+        self.hits: dict[str, int] = {}
+        self.full = 0
+        self.ever_crashed: set[str] = set()
+        self.incarnations: dict[str, dict[bytes, int]] = {}
+        self.crashes: list[CrashRecord] = []
+        self._open_crashes: dict[str, CrashRecord] = {}
+        self.violations: list[Violation] = []
+        self.false_positive_suspicions = 0
+        self.false_positive_deaths = 0
+        self.accusations_of_restarted = 0
+        self.event_counts: dict[str, int] = {}
+        self.converged = False
+        self.converged_at: float | None = None
+        self.awaiting_initial: set[str] = set()
+        """Initial nodes not started yet: ``converged_at`` counts only after the mass join."""
+        self.transitions: list[tuple[float, bool]] = []
+        self.node_seconds = 0.0
+        self._last_change = 0.0
+        self._interval_events = {"MemberSuspected": 0, "MemberDead": 0}
+
+    # -- ground truth ---------------------------------------------------------------------
+
+    def _account_time(self, now: float) -> None:
+        self.node_seconds += len(self.live) * (now - self._last_change)
+        self._last_change = now
+
+    def node_up(self, name: str, now: float) -> None:
+        """``name`` starts a fresh core (first join or restart): it knows nobody yet."""
+        self._account_time(now)
+        key = self.keys[name]
+        record = self._open_crashes.pop(name, None)
+        if record is not None:
+            record.restarted_before_detection = record.disseminated is None
+        for observer in self.live:
+            if key in self.known[observer]:
+                self.hits[observer] += 1
+        self.awaiting_initial.discard(name)
+        self.live[name] = None
+        self.known[name] = set()
+        self.hits[name] = 0
+        self.incarnations[name] = {}
+        self._recount(now)
+
+    def node_down(self, name: str, now: float, *, crashed: bool) -> None:
+        """``name`` stopped being a live member (crash, or graceful leave)."""
+        self._account_time(now)
+        key = self.keys[name]
+        del self.live[name]
+        self.known.pop(name, None)
+        self.hits.pop(name, None)
+        self.incarnations.pop(name, None)
+        for observer in self.live:
+            if key in self.known[observer]:
+                self.hits[observer] -= 1
+        for record in list(self._open_crashes.values()):
+            self._settle_observer(record, name, now)
+        if crashed:
+            self.ever_crashed.add(name)
+            pending = {observer for observer in self.live if key in self.known[observer]}
+            record = CrashRecord(name, now, len(pending), pending)
+            self.crashes.append(record)
+            self._open_crashes[name] = record
+            if not pending:
+                record.disseminated = now
+        self._recount(now)
+
+    def _settle_observer(self, record: CrashRecord, observer: str, now: float) -> None:
+        record.pending.discard(observer)
+        if not record.pending and record.disseminated is None:
+            record.disseminated = now
+
+    def _recount(self, now: float) -> None:
+        target = len(self.live) - 1
+        self.full = sum(1 for observer in self.live if self.hits[observer] == target)
+        self._check_converged(now)
+
+    def _check_converged(self, now: float) -> None:
+        converged = self.full == len(self.live) and bool(self.live)
+        if converged != self.converged:
+            self.converged = converged
+            self.transitions.append((now, converged))
+        if converged and self.converged_at is None and not self.awaiting_initial:
+            self.converged_at = now
+
+    # -- observations ---------------------------------------------------------------------
+
+    def on_events(self, observer: str, events: Iterable[object], now: float,
+                  table: MembershipTable) -> None:
+        if observer not in self.live:
+            return
+        own_key = self.keys[observer]
+        known = self.known[observer]
+        target = len(self.live) - 1
+        for event in events:
+            kind = type(event).__name__
+            self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
+            key: bytes | None = getattr(event, "public_key", None)
+            if key is None:
+                continue
+            subject = self.names.get(key, key.hex()[:12])
+            self.trace.event(now, f"{observer} {kind} {subject}")
+            if key == own_key:
+                continue
+            if kind in self._interval_events:
+                self._interval_events[kind] += 1
+            self._check_incarnation(observer, key, now, table, kind)
+            subject_live = subject in self.live
+            if kind in ("MemberSuspected", "MemberDead") and subject_live:
+                if subject in self.ever_crashed:
+                    self.accusations_of_restarted += 1
+                elif kind == "MemberSuspected":
+                    self.false_positive_suspicions += 1
+                else:
+                    self.false_positive_deaths += 1
+            record = self._open_crashes.get(subject)
+            if record is not None:
+                if kind == "MemberSuspected" and record.first_suspicion is None:
+                    record.first_suspicion = now
+                if kind in _REMOVE_EVENTS:
+                    if kind == "MemberDead" and record.first_death is None:
+                        record.first_death = now
+                    self._settle_observer(record, observer, now)
+            if kind in _ADD_EVENTS:
+                if key not in known:
+                    known.add(key)
+                    if subject_live:
+                        self._hit(observer, +1, target)
+            elif kind in _REMOVE_EVENTS and key in known:
+                known.discard(key)
+                if subject_live:
+                    self._hit(observer, -1, target)
+        self._check_converged(now)
+
+    def _hit(self, observer: str, change: int, target: int) -> None:
+        before = self.hits[observer] == target
+        self.hits[observer] += change
+        after = self.hits[observer] == target
+        self.full += int(after) - int(before)
+
+    def _check_incarnation(self, observer: str, key: bytes, now: float, table: MembershipTable,
+                           kind: str) -> None:
+        seen = self.incarnations[observer]
+        if kind == "MemberReaped":
+            seen.pop(key, None)
+            return
+        view = table.member(key)
+        if view is None:
+            return
+        previous = seen.get(key)
+        if previous is not None and view.incarnation < previous:
+            subject = self.names.get(key, key.hex()[:12])
+            self.violations.append(Violation(
+                now, "incarnations never go backwards",
+                f"{observer} saw {subject} go from incarnation {previous} to {view.incarnation}"))
+        seen[key] = view.incarnation if previous is None else max(previous, view.incarnation)
+
+    def check_views(self, now: float, tables: dict[str, MembershipTable]) -> None:
+        """Each live core's own table must agree with the view built from its events."""
+        for observer in self.live:
+            table = tables[observer]
+            own = self.keys[observer]
+            actual = {view.public_key for view in table.members()
+                      if view.public_key != own and state_name(view.state) in KNOWN_STATES}
+            tracked = self.known[observer]
+            if actual != tracked:
+                missing = sorted(self.names.get(key, key.hex()[:12]) for key in actual - tracked)
+                extra = sorted(self.names.get(key, key.hex()[:12]) for key in tracked - actual)
+                self.violations.append(Violation(
+                    now, "events agree with members()",
+                    f"{observer}: members() has {missing[:5]} without events, events left "
+                    f"{extra[:5]} that members() no longer has alive"))
+
+    # -- sampling -------------------------------------------------------------------------
+
+    def sample(self, now: float, series: Series, network_delta: dict[str, int]) -> None:
+        for observer in self.live:
+            series.views.append((now, observer, len(self.known[observer])))
+        live = len(self.live)
+        series.messages.append({
+            "time": now,
+            "live_nodes": live,
+            "converged": int(self.converged),
+            "converged_fraction": self.full / live if live else 0.0,
+            "sent": network_delta["sent"],
+            "delivered": network_delta["delivered"],
+            "lost": network_delta["lost"],
+            "partitioned": network_delta["partitioned"],
+            "bytes_sent": network_delta["bytes_sent"],
+            "suspicions": self._interval_events["MemberSuspected"],
+            "deaths": self._interval_events["MemberDead"],
+        })
+        self._interval_events = dict.fromkeys(self._interval_events, 0)
+
+    def finish(self, now: float) -> None:
+        self._account_time(now)
+
+    def final_convergence(self) -> float | None:
+        """When the mesh last became converged, if it is converged at the end."""
+        if not self.converged or not self.transitions:
+            return None
+        return self.transitions[-1][0]
+
+
+def summarise(values: Sequence[float]) -> dict[str, float] | None:
+    """Count, mean, median, 95th percentile and max of a sample (None when empty)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+
+    def quantile(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {
+        "count": len(ordered),
+        "mean": round(sum(ordered) / len(ordered), 6),
+        "median": round(quantile(0.5), 6),
+        "p95": round(quantile(0.95), 6),
+        "max": round(ordered[-1], 6),
+    }

@@ -1,0 +1,437 @@
+"""Runs a scenario: builds the underlay and the hosts, drives their cores from SimPy, applies
+the scheduled faults, and collects the metrics.
+
+Each host has at most one pending wake-up, at its core's ``next_deadline()``. A wake-up is
+re-armed only when the deadline moves earlier; a later deadline is picked up when the early
+wake-up fires (calling early is harmless, DESIGN.md §3). A generation counter makes wake-ups
+of a replaced or crashed core fire as no-ops.
+
+Every random draw comes from a stream named after its purpose and derived from the one
+master seed, so a run is a pure function of (scenario, seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import simpy
+from tqdm import tqdm
+
+from meshguard.identity.keys import Identity
+from meshguard.sansio.types import Address
+from sim.cores import Core, CoreFactory, HostContext, membership_core, swim_config
+from sim.metrics import MembershipTracker, Series, Trace, Violation, summarise
+from sim.network import Network, build_underlay
+from sim.scenario import (
+    Crash,
+    Heal,
+    Join,
+    Leave,
+    Partition,
+    Restart,
+    Scenario,
+    Selector,
+    SetLoss,
+    initial_node_names,
+)
+
+EXPECTED_FIRST_DETECTION_PERIODS = math.e / (math.e - 1)
+"""SWIM paper: expected protocol periods until some member first probes a crashed one."""
+
+DEADLINE_EPSILON = 1e-9
+
+
+def stream(seed: int, purpose: str, name: str = "") -> random.Random:
+    """An independent random stream for one purpose, derived from the master seed.
+
+    ``random.Random`` seeds from a string through SHA-512, so this is stable across
+    processes and unaffected by hash randomisation.
+    """
+    return random.Random(f"{seed}:{purpose}:{name}")
+
+
+@dataclass(slots=True)
+class Host:
+    """One simulated machine: its address and identity outlive any one core."""
+
+    name: str
+    group: str
+    address: Address
+    identity: Identity
+    state: str = "pending"  # pending → live → crashed | leaving → stopped; restart → live
+    core: Core | None = None
+    life: int = 0
+    wake_at: float | None = None
+    wake_generation: int = 0
+
+
+@dataclass(slots=True)
+class Result:
+    """A finished run: the summary (as written to summary.json), series and violations."""
+
+    scenario: Scenario
+    summary: dict[str, Any]
+    series: Series
+    violations: list[Violation]
+    out_dir: Path | None = None
+    crashes: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def trace_hash(self) -> str:
+        return str(self.summary["trace_hash"])
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def reproduce_command(self) -> str:
+        return f"python -m sim {self.scenario.source} --seed {self.summary['seed']}"
+
+
+class Simulation:
+    """One run of one scenario with one seed."""
+
+    def __init__(self, scenario: Scenario, *, core_factory: CoreFactory = membership_core) -> None:
+        self.scenario = scenario
+        self.seed = scenario.seed
+        self.core_factory = core_factory
+        self.env = simpy.Environment()
+        self.trace = Trace()
+        self.hosts = self._make_hosts()
+        self.graph = build_underlay(scenario, [(h.name, h.group) for h in self.hosts.values()])
+        self.network = Network(self.env, self.graph, stream(self.seed, "network"),
+                               on_delivery=self.trace.delivery)
+        for host in self.hosts.values():
+            self.network.assign_ip(host.address[0], host.name)
+        keys = {host.name: host.identity.public_key for host in self.hosts.values()}
+        self.trusted_keys = tuple(keys.values())
+        self.tracker = MembershipTracker(keys, self.trace)
+        self.series = Series()
+        initial = initial_node_names(scenario.nodes)
+        self.seed_names = initial[:scenario.nodes.seeds]
+        self.seed_addresses = [self.hosts[name].address for name in self.seed_names]
+        self.event_rng = stream(self.seed, "events")
+        self._last_counters = dict(self.network.counters)
+        self.tracker.awaiting_initial = set(initial)
+        self._schedule_initial_joins(initial)
+        for event in scenario.events:
+            self._at(event.at, partial(self._apply, event.action))
+        self._next_sample = scenario.sample_interval
+        self._at(self._next_sample, self._sample)
+        settle = scenario.settle
+        if settle is not None and scenario.last_event_at + settle <= scenario.duration:
+            self._at(scenario.last_event_at + settle, self._check_settled)
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def _make_hosts(self) -> dict[str, Host]:
+        nodes = self.scenario.nodes
+        owners = [group.name for group in nodes.groups for _ in range(group.count)]
+        groups = list(zip(initial_node_names(nodes), owners, strict=True))
+        for event in self.scenario.events:
+            if isinstance(event.action, Join):
+                groups.extend((name, event.action.group) for name in event.action.names)
+        pool = ipaddress.IPv4Network(nodes.address_pool)
+        if len(groups) > pool.num_addresses - 2:
+            raise ValueError(f"nodes.address_pool {pool} is too small for {len(groups)} hosts")
+        hosts = {}
+        for index, (name, group) in enumerate(groups):
+            ip = str(pool.network_address + 1 + index)
+            seed = hashlib.sha256(f"{self.seed}:identity:{name}".encode()).digest()
+            hosts[name] = Host(name, group, (ip, nodes.port), Identity.from_seed(seed))
+        return hosts
+
+    def _schedule_initial_joins(self, names: list[str]) -> None:
+        nodes = self.scenario.nodes
+        rng = stream(self.seed, "join")
+        for name in names:
+            delay = 0.0 if name in self.seed_names else nodes.join_spread * rng.random()
+            self._at(nodes.join_at + delay, partial(self._start, self.hosts[name]))
+
+    def _at(self, moment: float, action: Callable[[], None]) -> None:
+        delay = max(0.0, moment - self.env.now)
+        self.env.timeout(delay).callbacks.append(lambda _event: action())
+
+    # -- driving cores ----------------------------------------------------------------------
+
+    def _start(self, host: Host) -> None:
+        now = self.env.now
+        host.life += 1
+        host.state = "live"
+        label = f"{host.name}:{host.life}"
+        context = HostContext(
+            name=host.name, identity=host.identity, address=host.address,
+            trusted_keys=self.trusted_keys, rng=stream(self.seed, "rng", label),
+            entropy=stream(self.seed, "entropy", label).randbytes, now=now,
+            protocol=self.scenario.protocol)
+        core = self.core_factory(context)
+        host.core = core
+        host.wake_at = None
+        host.wake_generation += 1
+        self.network.bind(host.address, partial(self._receive, host))
+        self.trace.event(now, f"start {label}")
+        self.tracker.node_up(host.name, now)
+        seeds = [address for address in self.seed_addresses if address != host.address]
+        if seeds:
+            core.join(seeds, now)
+        self._after(host)
+
+    def _receive(self, host: Host, data: bytes, source: Address) -> None:
+        core = host.core
+        if core is None:
+            return
+        core.receive_datagram(data, source, self.env.now)
+        self._after(host)
+
+    def _after(self, host: Host) -> None:
+        """Drains a core's output, then re-arms its wake-up if the deadline moved earlier."""
+        core = host.core
+        if core is None:
+            return
+        send = self.network.send
+        address = host.address
+        for data, destination in core.datagrams_to_send():
+            send(address, destination, data)
+        events = core.events()
+        if events:
+            self.tracker.on_events(host.name, events, self.env.now, core)
+        deadline = core.next_deadline()
+        if deadline is None or (host.wake_at is not None and host.wake_at <= deadline):
+            return
+        host.wake_at = deadline
+        host.wake_generation += 1
+        delay = max(0.0, deadline - self.env.now)
+        self.env.timeout(delay).callbacks.append(
+            partial(self._wake, host, host.wake_generation))
+
+    def _wake(self, host: Host, generation: int, _event: simpy.Event) -> None:
+        if generation != host.wake_generation or host.core is None:
+            return
+        host.wake_at = None
+        now = self.env.now
+        deadline = host.core.next_deadline()
+        if deadline is not None and deadline <= now + DEADLINE_EPSILON:
+            host.core.on_timer(now)
+        self._after(host)
+
+    def _stop(self, host: Host) -> None:
+        host.core = None
+        host.wake_at = None
+        host.wake_generation += 1
+        self.network.unbind(host.address)
+
+    # -- scheduled events -------------------------------------------------------------------
+
+    def _apply(self, action: object) -> None:
+        now = self.env.now
+        if isinstance(action, Crash):
+            for name in self._select(action.select, "live"):
+                host = self.hosts[name]
+                self.trace.event(now, f"crash {name}")
+                self._stop(host)
+                host.state = "crashed"
+                self.tracker.node_down(name, now, crashed=True)
+                if action.restart_after is not None:
+                    self._at(now + action.restart_after, partial(self._restart, host))
+        elif isinstance(action, Restart):
+            for name in self._select(action.select, "crashed", "stopped"):
+                self._restart(self.hosts[name])
+        elif isinstance(action, Leave):
+            for name in self._select(action.select, "live"):
+                self._leave(self.hosts[name])
+        elif isinstance(action, Join):
+            for name in action.names:
+                self._start(self.hosts[name])
+        elif isinstance(action, Partition):
+            self.trace.event(now, f"partition {action.name}")
+            self.network.partition(action.name, action.a, action.b, one_way=action.one_way)
+        elif isinstance(action, Heal):
+            self.trace.event(now, f"heal {action.name}")
+            self.network.heal(action.name)
+        elif isinstance(action, SetLoss):
+            self.trace.event(now, f"loss {action.loss} {action.between}")
+            self.network.set_loss(action.loss, action.between)
+
+    def _restart(self, host: Host) -> None:
+        if host.state in ("crashed", "stopped"):
+            self.trace.event(self.env.now, f"restart {host.name}")
+            self._start(host)
+
+    def _leave(self, host: Host) -> None:
+        now = self.env.now
+        core = host.core
+        if core is None:
+            return
+        self.trace.event(now, f"leave {host.name}")
+        host.state = "leaving"
+        self.tracker.node_down(host.name, now, crashed=False)
+        core.leave(now)
+        self._after(host)
+        self._at(now + self.scenario.leave_linger, partial(self._finish_leave, host, host.life))
+
+    def _finish_leave(self, host: Host, life: int) -> None:
+        if host.state == "leaving" and host.life == life:
+            self._stop(host)
+            host.state = "stopped"
+
+    def _select(self, selector: Selector, *states: str) -> list[str]:
+        """The nodes an event acts on, among hosts in ``states``.
+
+        Named nodes are taken as given (skipped if not eligible). Random picks never choose
+        a seed node, so the mesh always keeps its entry points; name a seed to crash it.
+        """
+        eligible = [name for name, host in self.hosts.items() if host.state in states]
+        if selector.nodes:
+            return [name for name in selector.nodes if name in eligible]
+        pool = [name for name in eligible if name not in self.seed_names
+                and (selector.group is None or self.hosts[name].group == selector.group)]
+        if selector.count is not None:
+            wanted = selector.count
+        else:
+            wanted = max(1, round((selector.fraction or 0.0) * len(pool)))
+        chosen = set(self.event_rng.sample(pool, min(wanted, len(pool))))
+        return [name for name in pool if name in chosen]
+
+    # -- measurement ------------------------------------------------------------------------
+
+    def _sample(self) -> None:
+        now = self.env.now
+        counters = self.network.counters
+        delta = {key: counters[key] - self._last_counters[key] for key in counters}
+        self._last_counters = dict(counters)
+        self.tracker.sample(now, self.series, delta)
+        self._next_sample = now + self.scenario.sample_interval
+        if self._next_sample < self.scenario.duration - DEADLINE_EPSILON:
+            self._at(self._next_sample, self._sample)
+
+    def _check_settled(self) -> None:
+        last = self.scenario.last_event_at
+        reached = self.tracker.converged or any(
+            converged and moment >= last for moment, converged in self.tracker.transitions)
+        if not reached:
+            waiting = [name for name in self.tracker.live
+                       if self.tracker.hits[name] != len(self.tracker.live) - 1]
+            self.tracker.violations.append(Violation(
+                self.env.now, "every live node knows every live member after the last event "
+                f"+ settle ({last:g}s + {self.scenario.settle:g}s)",
+                f"{len(waiting)} of {len(self.tracker.live)} live nodes still miss members, "
+                f"e.g. {waiting[:5]}"))
+
+    # -- running ----------------------------------------------------------------------------
+
+    def steps(self) -> Iterator[float]:
+        """Advances the simulation in chunks, yielding the simulated time reached."""
+        duration = self.scenario.duration
+        chunk = max(self.scenario.sample_interval, duration / 200)
+        reached = 0.0
+        while reached < duration:
+            reached = min(duration, reached + chunk)
+            self.env.run(until=reached)
+            yield reached
+
+    def finish(self, wall_seconds: float) -> Result:
+        duration = self.scenario.duration
+        tracker = self.tracker
+        if abs(self._next_sample - duration) <= DEADLINE_EPSILON:
+            self._sample()  # SimPy stops just before events at exactly ``duration``
+        tracker.finish(duration)
+        tables = {name: self.hosts[name].core for name in tracker.live}
+        tracker.check_views(duration, {name: core for name, core in tables.items()
+                                       if core is not None})
+        node_seconds = max(tracker.node_seconds, 1e-9)
+        counters = dict(self.network.counters)
+        crashes = [record.as_dict() for record in tracker.crashes]
+        period = float(swim_config(self.scenario.protocol).protocol_period)
+        core_counters: dict[str, int] = {}
+        for core in tables.values():
+            for key, value in sorted(getattr(core, "counters", {}).items()):
+                core_counters[key] = core_counters.get(key, 0) + int(value)
+        summary: dict[str, Any] = {
+            "scenario": self.scenario.name,
+            "seed": self.seed,
+            "trace_hash": self.trace.hexdigest(),
+            "nodes": len(self.hosts),
+            "live_nodes_at_end": len(tracker.live),
+            "sim_seconds": duration,
+            "wall_seconds": round(wall_seconds, 3),
+            "speed_factor": round(duration / wall_seconds, 2) if wall_seconds > 0 else None,
+            "converged_at": tracker.converged_at,
+            "final_convergence_at": tracker.final_convergence(),
+            "converged_at_end": tracker.converged,
+            "protocol_period": period,
+            "expected_first_detection_periods": round(EXPECTED_FIRST_DETECTION_PERIODS, 4),
+            "detection_latency": crashes,
+            "detection_latency_summary": {
+                key: summarise([crash[key] for crash in crashes if crash[key] is not None])
+                for key in ("first_suspicion", "first_death", "full_dissemination")},
+            "false_positive_suspicions": tracker.false_positive_suspicions,
+            "false_positive_deaths": tracker.false_positive_deaths,
+            "accusations_of_restarted": tracker.accusations_of_restarted,
+            "messages_per_node_per_s": round(counters["sent"] / node_seconds, 4),
+            "bytes_per_node_per_s": round(counters["bytes_sent"] / node_seconds, 2),
+            "network": counters,
+            "membership_events": dict(sorted(tracker.event_counts.items())),
+            "core_counters": core_counters,
+            "trace_records": self.trace.records,
+            "violations": [str(violation) for violation in tracker.violations],
+        }
+        return Result(self.scenario, summary, self.series, list(tracker.violations),
+                      crashes=crashes)
+
+
+def run(scenario: Scenario, *, seed: int | None = None, out_dir: str | Path | None = None,
+        progress: bool = False, plot: bool = False,
+        core_factory: CoreFactory = membership_core) -> Result:
+    """Runs ``scenario`` (with ``seed`` overriding its own) and returns the ``Result``.
+
+    With ``out_dir`` the summary, the CSV series and (with ``plot``) the PNG charts are
+    written there. ``progress`` shows a tqdm bar of simulated seconds on stderr.
+    """
+    if seed is not None:
+        scenario = scenario.with_seed(seed)
+    started = time.perf_counter()
+    simulation = Simulation(scenario, core_factory=core_factory)
+    with tqdm(total=scenario.duration, unit="sim s", disable=not progress, file=sys.stderr,
+              desc=scenario.name, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} sim s "
+              "[{elapsed}<{remaining}]") as bar:
+        for reached in simulation.steps():
+            bar.update(reached - bar.n)
+    result = simulation.finish(time.perf_counter() - started)
+    if out_dir is not None:
+        write_outputs(result, Path(out_dir), plot=plot)
+    return result
+
+
+def write_outputs(result: Result, out_dir: Path, *, plot: bool) -> None:
+    """summary.json, views.csv, messages.csv and, with ``plot``, the PNG charts."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result.out_dir = out_dir
+    (out_dir / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
+    with (out_dir / "views.csv").open("w", encoding="utf-8") as handle:
+        handle.write(",".join(Series.VIEW_COLUMNS) + "\n")
+        handle.writelines(f"{moment:g},{node},{size}\n"
+                          for moment, node, size in result.series.views)
+    with (out_dir / "messages.csv").open("w", encoding="utf-8") as handle:
+        handle.write(",".join(Series.MESSAGE_COLUMNS) + "\n")
+        for row in result.series.messages:
+            handle.write(",".join(_csv_value(row[key]) for key in Series.MESSAGE_COLUMNS)
+                         + "\n")
+    if plot:
+        from sim.plots import write_plots
+
+        write_plots(result, out_dir)
+
+
+def _csv_value(value: float) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
