@@ -1,0 +1,1314 @@
+"""SWIM membership with Lifeguard: failure detection, gossip, joining, healing and trust.
+
+One ``Membership`` per node. It probes one member per protocol period (randomised
+round-robin), asks k helpers to probe a member that missed its ack, suspects it when nobody
+reached it, and declares it dead when the suspicion times out unrefuted. Changes ride on the
+probes (and on a short gossip round while there are any); full state exchanges (push-pull) on
+join, periodically, and towards dead members heal partitions of any length. Lifeguard's local
+health awareness and shrinking suspicion timeouts keep a slow node from accusing healthy ones.
+
+Trust (DESIGN.md §4): only datagrams authenticated with the pair key of a trusted member are
+read; every liveness or address claim is a record signed by the member it describes; an
+accusation (Suspect, Dead) counts only about a trusted member and by a trusted accuser. What
+fails a check changes nothing and is counted in ``counters``.
+
+Sans-IO (DESIGN.md §3): time comes in as ``now``, randomness from ``rng`` and ``entropy``;
+datagrams and events are pulled. ``docs/swim.md`` has the parameters, formulas and rules.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections.abc import Iterable, MutableSequence, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from meshguard.identity.keys import (
+    Identity,
+    ed25519_public_to_x25519,
+    is_valid_ed25519_public_key,
+)
+from meshguard.sansio.codec import (
+    MAX_DATAGRAM,
+    NONCE_SIZE,
+    chunk_state_entries,
+    encoded_size,
+    key_id,
+    make_record,
+    open_datagram,
+    pair_key,
+    peek_sender,
+    seal,
+    update_size,
+    verify_record,
+)
+from meshguard.sansio.codec_wire import ACCUSATION_SIZE
+from meshguard.sansio.errors import DecodeError, LocalProtocolError
+from meshguard.sansio.messages import (
+    Ack,
+    Alive,
+    Dead,
+    Endpoint,
+    EndpointUpdate,
+    IndirectAck,
+    MemberRecord,
+    Message,
+    Nack,
+    NatInfo,
+    Ping,
+    PingReq,
+    RecordStatus,
+    StateEntry,
+    StateSync,
+    Suspect,
+    Update,
+)
+from meshguard.sansio.swim_broadcast import TransmitQueue
+from meshguard.sansio.swim_config import SwimConfig
+from meshguard.sansio.swim_lifeguard import Awareness, Suspicion
+from meshguard.sansio.types import Address, Entropy
+
+__all__ = [
+    "COUNTERS",
+    "GOSSIP_SEQ",
+    "MemberAlive",
+    "MemberDead",
+    "MemberJoined",
+    "MemberLeft",
+    "MemberReaped",
+    "MemberState",
+    "MemberSuspected",
+    "MemberUntrusted",
+    "MemberUpdated",
+    "MemberView",
+    "Membership",
+    "MembershipEvent",
+    "Random",
+    "SwimConfig",
+]
+
+GOSSIP_SEQ = 0
+"""An ``Ack`` with this seq answers no probe: it only carries gossip (probe seqs start at 1)."""
+
+NACK_FRACTION = 0.8
+"""A helper sends its Nack after this fraction of its probe timeout (Lifeguard)."""
+
+LEAVE_FANOUT = 4
+"""Members sent the LEFT record straight away by ``leave``, before gossip carries it on."""
+
+MAX_RELAYS = 256
+"""Indirect probes a helper runs at once for others; more requests are refused."""
+
+COUNTERS = (
+    "datagram_received",
+    "datagram_sent",
+    "decode_error",
+    "untrusted_sender",
+    "from_self",
+    "auth_failed",
+    "bad_peer_key",
+    "not_membership",
+    "wrong_target",
+    "bad_signature",
+    "untrusted_member",
+    "unknown_member",
+    "forged_claim",
+    "unexpected_ack",
+    "no_address",
+    "relay_refused",
+    "ping_sent",
+    "ping_received",
+    "ack_sent",
+    "ack_received",
+    "ping_req_sent",
+    "ping_req_received",
+    "indirect_ack_sent",
+    "indirect_ack_received",
+    "nack_sent",
+    "nack_received",
+    "gossip_sent",
+    "state_sync_sent",
+    "state_sync_received",
+    "probe_failed",
+    "suspected",
+    "declared_dead",
+    "refuted",
+    "reaped",
+    "removed",
+    "reconnect_attempts",
+    "rejoin_attempts",
+)
+"""Every counter name, present from the start so metrics see zeros rather than gaps."""
+
+
+class MemberState(enum.Enum):
+    """How this node currently sees a member."""
+
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+    LEFT = "left"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberView:
+    """A snapshot of one member as this node sees it (``members()`` includes the node itself)."""
+
+    public_key: bytes
+    state: MemberState
+    incarnation: int
+    endpoints: tuple[Endpoint, ...]
+    nat: NatInfo
+    last_change: float
+
+
+@dataclass(frozen=True, slots=True)
+class MemberJoined:
+    """A member became alive: first seen, or back after being dead or having left."""
+
+    public_key: bytes
+    incarnation: int
+    endpoints: tuple[Endpoint, ...]
+    nat: NatInfo
+
+
+@dataclass(frozen=True, slots=True)
+class MemberUpdated:
+    """A live member signed a new record with other endpoints or NAT facts."""
+
+    public_key: bytes
+    incarnation: int
+    endpoints: tuple[Endpoint, ...]
+    nat: NatInfo
+
+
+@dataclass(frozen=True, slots=True)
+class MemberSuspected:
+    """A live member is suspected of having failed (it may still refute)."""
+
+    public_key: bytes
+    incarnation: int
+    accuser: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MemberAlive:
+    """A suspected member refuted the suspicion with a newer record."""
+
+    public_key: bytes
+    incarnation: int
+    endpoints: tuple[Endpoint, ...]
+    nat: NatInfo
+
+
+@dataclass(frozen=True, slots=True)
+class MemberDead:
+    """A member is confirmed dead (its suspicion timed out, or a trusted member said so)."""
+
+    public_key: bytes
+    incarnation: int
+    accuser: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MemberLeft:
+    """A member left gracefully (its own signed LEFT record)."""
+
+    public_key: bytes
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemberReaped:
+    """A dead or left member was forgotten after ``dead_reap_after``."""
+
+    public_key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MemberUntrusted:
+    """A member was forgotten because its key is no longer trusted (``set_trusted_keys``)."""
+
+    public_key: bytes
+
+
+MembershipEvent = (
+    MemberJoined
+    | MemberUpdated
+    | MemberSuspected
+    | MemberAlive
+    | MemberDead
+    | MemberLeft
+    | MemberReaped
+    | MemberUntrusted
+)
+
+
+class Random(Protocol):
+    """The part of ``random.Random`` the machine uses (the core may not import ``random``)."""
+
+    def random(self) -> float: ...
+    def uniform(self, a: float, b: float) -> float: ...
+    def randrange(self, start: int, stop: int | None = None, step: int = 1) -> int: ...
+    def randint(self, a: int, b: int) -> int: ...
+    def shuffle(self, x: MutableSequence[Any]) -> None: ...
+    def getrandbits(self, k: int, /) -> int: ...
+
+
+class _IndexedKeys:
+    """Keys in a list with positions, for O(1) add, remove and uniform random choice."""
+
+    __slots__ = ("items", "positions")
+
+    def __init__(self) -> None:
+        self.items: list[bytes] = []
+        self.positions: dict[bytes, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, key: bytes) -> None:
+        if key not in self.positions:
+            self.positions[key] = len(self.items)
+            self.items.append(key)
+
+    def remove(self, key: bytes) -> None:
+        position = self.positions.pop(key, None)
+        if position is None:
+            return
+        last = self.items.pop()
+        if position < len(self.items):
+            self.items[position] = last
+            self.positions[last] = position
+
+    def sample(self, rng: Random, count: int, exclude: tuple[bytes, ...]) -> list[bytes]:
+        """Up to ``count`` distinct random keys not in ``exclude`` (3·count tries at most)."""
+        chosen: list[bytes] = []
+        size = len(self.items)
+        if size == 0 or count <= 0:
+            return chosen
+        if size <= count + len(exclude):
+            pool = [k for k in self.items if k not in exclude]
+            rng.shuffle(pool)
+            return pool[:count]
+        for _ in range(3 * count + len(exclude)):
+            key = self.items[rng.randrange(size)]
+            if key not in exclude and key not in chosen:
+                chosen.append(key)
+                if len(chosen) == count:
+                    break
+        return chosen
+
+
+class _Member:
+    """Mutable state of one member; only ``Membership._set_state`` changes ``state``."""
+
+    __slots__ = (
+        "accuser",
+        "address",
+        "changed_at",
+        "endpoint_index",
+        "in_probe_order",
+        "incarnation",
+        "public_key",
+        "record",
+        "state",
+        "suspicion",
+    )
+
+    def __init__(self, record: MemberRecord, state: MemberState, now: float) -> None:
+        self.public_key = record.public_key
+        self.record = record
+        self.state = state
+        self.incarnation = record.incarnation
+        self.changed_at = now
+        self.accuser = record.public_key
+        self.suspicion: Suspicion | None = None
+        self.address: Address | None = None
+        self.endpoint_index = 0
+        self.in_probe_order = False
+
+    def target_address(self) -> Address | None:
+        """Where to reach it: where it last spoke from, else one of its advertised endpoints."""
+        if self.address is not None:
+            return self.address
+        endpoints = self.record.endpoints
+        if not endpoints:
+            return None
+        endpoint = endpoints[self.endpoint_index % len(endpoints)]
+        return (endpoint.host, endpoint.port)
+
+    def accusation(self) -> Suspect | Dead | None:
+        if self.state is MemberState.SUSPECT:
+            return Suspect(self.public_key, self.incarnation, self.accuser)
+        if self.state is MemberState.DEAD:
+            return Dead(self.public_key, self.incarnation, self.accuser)
+        return None
+
+
+class _ProbePhase(enum.Enum):
+    DIRECT = 1
+    INDIRECT = 2
+    SETTLING = 3
+
+
+class _Probe:
+    """One probe this node runs: direct ping, then helpers, then counting late nacks."""
+
+    __slots__ = ("acked", "helpers", "nacks", "phase", "seq", "target")
+
+    def __init__(self, seq: int, target: bytes) -> None:
+        self.seq = seq
+        self.target = target
+        self.phase = _ProbePhase.DIRECT
+        self.acked = False
+        self.helpers: tuple[bytes, ...] = ()
+        self.nacks: dict[bytes, None] = {}
+
+
+class _Relay:
+    """An indirect probe this node runs as a helper for ``origin``."""
+
+    __slots__ = ("origin", "origin_address", "origin_seq", "target")
+
+    def __init__(self, origin: bytes, origin_address: Address, origin_seq: int, target: bytes):
+        self.origin = origin
+        self.origin_address = origin_address
+        self.origin_seq = origin_seq
+        self.target = target
+
+
+class _Timer(enum.IntEnum):
+    PROBE_TIMEOUT = 1
+    PROBE_END = 2
+    PROBE_SETTLE = 3
+    RELAY = 4
+    SUSPICION = 5
+    REAP = 6
+
+
+_LIVE = (MemberState.ALIVE, MemberState.SUSPECT)
+_GONE = (MemberState.DEAD, MemberState.LEFT)
+
+
+class Membership:
+    """The membership machine of one node (see the module docstring and ``docs/swim.md``)."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        config: SwimConfig,
+        trusted_keys: Iterable[bytes],
+        advertised_endpoints: Sequence[Endpoint],
+        rng: Random,
+        entropy: Entropy,
+        now: float,
+        nat: NatInfo | None = None,
+        incarnation: int = 0,
+    ) -> None:
+        """``incarnation`` lets a restarted node start above its previous life (optional:
+        without it the node refutes its old records as soon as it hears them)."""
+        if not isinstance(identity, Identity):
+            raise LocalProtocolError("identity must be a meshguard.identity.keys.Identity")
+        if type(incarnation) is not int or incarnation < 0:
+            raise LocalProtocolError("incarnation must be a non-negative integer")
+        self._identity = identity
+        self._public_key = identity.public_key
+        self._key_id = key_id(identity.public_key)
+        self._config = config
+        self._rng = rng
+        self._entropy = entropy
+        self._now = now
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self._events: list[MembershipEvent] = []
+        self._outbox: list[tuple[bytes, Address]] = []
+
+        self._trusted: dict[bytes, bytes] = {}
+        self._trusted_by_id: dict[bytes, bytes] = {}
+        self._pair_keys: dict[bytes, bytes] = {}
+        self._install_trust(trusted_keys)
+
+        self._members: dict[bytes, _Member] = {}
+        self._alive = _IndexedKeys()
+        self._dead = _IndexedKeys()
+        self._live_count = 1
+        self._queue = TransmitQueue()
+        self._awareness = Awareness(config.awareness_max)
+        self._timers: list[tuple[float, int, _Timer, bytes | int]] = []
+        self._timer_order = 0
+
+        self._probe_order: list[bytes] = []
+        self._probe_index = 0
+        self._probes: dict[int, _Probe] = {}
+        self._relays: dict[int, _Relay] = {}
+        self._seq = rng.randrange(1, 1 << 32)
+        self._sync_replies: dict[bytes, tuple[int, float]] = {}
+        self._seeds: tuple[Address, ...] = ()
+        self._seed_keys: tuple[bytes, ...] = ()
+
+        self._incarnation = incarnation
+        self._status = RecordStatus.ALIVE
+        self._endpoints = tuple(advertised_endpoints)
+        self._nat = nat if nat is not None else NatInfo()
+        self._probe_at = now + rng.random() * config.protocol_period
+        self._gossip_at = now + config.gossip_interval
+        self._push_pull_at = now + rng.uniform(0.5, 1.0) * config.push_pull_interval
+        self._reconnect_at = now + rng.uniform(0.5, 1.0) * config.reconnect_interval
+        record = self._sign_own_record()
+        self._members[self._public_key] = _Member(record, MemberState.ALIVE, now)
+        self._enqueue(self._public_key, Alive(record))
+
+    # -----------------------------------------------------------------------------------------
+    # Public API
+
+    @property
+    def public_key(self) -> bytes:
+        return self._public_key
+
+    @property
+    def incarnation(self) -> int:
+        """This node's own incarnation (raised by every refutation and new record)."""
+        return self._incarnation
+
+    @property
+    def local_health(self) -> int:
+        """Lifeguard awareness score, 0 (healthy) .. awareness_max − 1."""
+        return self._awareness.score
+
+    @property
+    def live_count(self) -> int:
+        """Members seen alive or suspect, this node included (the N of every formula)."""
+        return self._live_count
+
+    @property
+    def config(self) -> SwimConfig:
+        return self._config
+
+    def join(
+        self, seeds: Sequence[Address], now: float, *, seed_keys: Sequence[bytes] = ()
+    ) -> None:
+        """Exchange full state with each seed address (and keep them for rejoining).
+
+        A seed's key is found from ``seed_keys``, else from a member known at that address;
+        else a one-record hello is sealed for every trusted key (only the right one opens),
+        which costs one small datagram per trusted key and per seed.
+        """
+        self._now = now
+        for key in seed_keys:
+            if key not in self._trusted:
+                raise LocalProtocolError("every seed key must be a trusted key")
+        own_addresses = {(e.host, e.port) for e in self._endpoints}
+        self._seeds = tuple(a for a in seeds if a not in own_addresses)
+        self._seed_keys = tuple(seed_keys)
+        if self._status is RecordStatus.LEFT:
+            self._status = RecordStatus.ALIVE
+            self._new_own_record(self._incarnation + 1)
+        self._contact_seeds()
+
+    def leave(self, now: float) -> None:
+        """Leave gracefully: sign a LEFT record, send it to a few members and gossip it."""
+        self._now = now
+        if self._status is RecordStatus.LEFT:
+            return
+        self._status = RecordStatus.LEFT
+        self._new_own_record(self._incarnation + 1)
+        for key in self._alive.sample(self._rng, LEAVE_FANOUT, ()):
+            self._send_gossip(self._members[key])
+
+    def set_trusted_keys(self, keys: Iterable[bytes], now: float) -> None:
+        """Replace the trusted keys; members no longer trusted are forgotten at once."""
+        self._now = now
+        self._install_trust(keys)
+        for key in [k for k in self._members if k not in self._trusted]:
+            if key != self._public_key:
+                self._forget(key)
+                self.counters["removed"] += 1
+                self._events.append(MemberUntrusted(key))
+        for key in [k for k in self._pair_keys if k not in self._trusted]:
+            del self._pair_keys[key]
+        for key in [k for k in self._sync_replies if k not in self._trusted]:
+            del self._sync_replies[key]
+
+    def set_advertised_endpoints(self, endpoints: Sequence[Endpoint], now: float) -> None:
+        """Sign and gossip a new record with these endpoints (roaming, NAT discovery)."""
+        self._now = now
+        previous = self._endpoints
+        self._endpoints = tuple(endpoints)
+        try:
+            self._new_own_record(self._incarnation + 1)
+        except LocalProtocolError:
+            self._endpoints = previous
+            raise
+
+    def set_nat_info(self, nat: NatInfo, now: float) -> None:
+        """Sign and gossip a new record with these NAT facts."""
+        self._now = now
+        if not isinstance(nat, NatInfo):
+            raise LocalProtocolError("nat must be a NatInfo")
+        self._nat = nat
+        self._new_own_record(self._incarnation + 1)
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        """Handle one meshguard datagram; anything invalid or unauthorized is counted, dropped."""
+        opened = self.authenticate(data)
+        if opened is not None and not self.handle_message(opened[0], opened[1], addr, now):
+            self.counters["not_membership"] += 1
+
+    def authenticate(self, data: bytes) -> tuple[bytes, Message] | None:
+        """(sender public key, message) of a datagram from a trusted member, else None (counted)."""
+        self.counters["datagram_received"] += 1
+        try:
+            sender_id = peek_sender(data)
+        except DecodeError:
+            self.counters["decode_error"] += 1
+            return None
+        sender = self._trusted_by_id.get(sender_id)
+        if sender is None:
+            if sender_id == self._key_id:
+                self.counters["from_self"] += 1
+            else:
+                self.counters["untrusted_sender"] += 1
+            return None
+        key = self._pair_key(sender)
+        if key is None:
+            return None
+        try:
+            return sender, open_datagram(data, key)
+        except DecodeError:
+            self.counters["auth_failed"] += 1
+            return None
+
+    def handle_message(self, sender: bytes, message: Message, addr: Address, now: float) -> bool:
+        """Act on an authenticated message from trusted ``sender``; False if not ours."""
+        self._now = now
+        if isinstance(message, Ping):
+            self._on_ping(sender, message, addr)
+        elif isinstance(message, Ack):
+            self._on_ack(sender, message, addr)
+        elif isinstance(message, PingReq):
+            self._on_ping_req(sender, message, addr)
+        elif isinstance(message, IndirectAck):
+            self._on_indirect_ack(sender, message, addr)
+        elif isinstance(message, Nack):
+            self._on_nack(sender, message, addr)
+        elif isinstance(message, StateSync):
+            self._on_state_sync(sender, message, addr)
+        elif isinstance(message, EndpointUpdate):
+            self._heard_from(sender, addr)
+            self._on_record(message.record)
+        else:
+            return False
+        return True
+
+    def seal_to(self, public_key: bytes, message: Message) -> bytes | None:
+        """``message`` sealed for a trusted member (None if it has no usable key)."""
+        if public_key not in self._trusted:
+            raise LocalProtocolError("can only seal for a trusted key")
+        key = self._pair_key(public_key)
+        if key is None:
+            return None
+        return seal(message, self._key_id, key, self._entropy(NONCE_SIZE))
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        outbox, self._outbox = self._outbox, []
+        return outbox
+
+    def events(self) -> list[MembershipEvent]:
+        events, self._events = self._events, []
+        return events
+
+    def next_deadline(self) -> float | None:
+        deadline = min(self._probe_at, self._push_pull_at, self._reconnect_at)
+        if self._timers and self._timers[0][0] < deadline:
+            deadline = self._timers[0][0]
+        if len(self._queue) and self._config.gossip_interval > 0 and self._gossip_at < deadline:
+            deadline = self._gossip_at
+        return deadline
+
+    def on_timer(self, now: float) -> None:
+        self._now = now
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, kind, ref = heapq.heappop(timers)
+            self._fire(kind, ref)
+        if now >= self._probe_at:
+            self._probe_at = now + self._awareness.scale(self._config.protocol_period)
+            if self._status is RecordStatus.ALIVE:
+                self._start_probe()
+        if now >= self._gossip_at:
+            self._gossip_at = now + self._config.gossip_interval
+            if len(self._queue) and self._config.gossip_interval > 0:
+                self._gossip_round()
+        if now >= self._push_pull_at:
+            self._push_pull_at = now + self._config.push_pull_period(self._live_count)
+            if self._status is RecordStatus.ALIVE:
+                self._push_pull()
+        if now >= self._reconnect_at:
+            self._reconnect_at = now + self._config.reconnect_interval
+            if self._status is RecordStatus.ALIVE:
+                self._reconnect()
+
+    def members(self) -> list[MemberView]:
+        """Every member this node remembers, itself first."""
+        return [self._view(m) for m in self._members.values()]
+
+    def member(self, public_key: bytes) -> MemberView | None:
+        found = self._members.get(public_key)
+        return None if found is None else self._view(found)
+
+    # -----------------------------------------------------------------------------------------
+    # Trust and keys
+
+    def _install_trust(self, keys: Iterable[bytes]) -> None:
+        trusted: dict[bytes, bytes] = {}
+        by_id: dict[bytes, bytes] = {}
+        for key in keys:
+            if type(key) is not bytes or not is_valid_ed25519_public_key(key):
+                raise LocalProtocolError("every trusted key must be a valid Ed25519 public key")
+            if key == self._public_key or key in trusted:
+                continue
+            kid = key_id(key)
+            if kid in by_id or kid == self._key_id:
+                continue
+            trusted[key] = kid
+            by_id[kid] = key
+        self._trusted = trusted
+        self._trusted_by_id = by_id
+
+    def _pair_key(self, peer: bytes) -> bytes | None:
+        key = self._pair_keys.get(peer)
+        if key is None:
+            try:
+                key = pair_key(
+                    self._identity.x25519_private,
+                    ed25519_public_to_x25519(peer),
+                    self._public_key,
+                    peer,
+                )
+            except ValueError:
+                self.counters["bad_peer_key"] += 1
+                return None
+            self._pair_keys[peer] = key
+        return key
+
+    # -----------------------------------------------------------------------------------------
+    # Sending
+
+    def _send(self, peer: bytes, message: Message, addr: Address) -> None:
+        key = self._pair_key(peer)
+        if key is None:
+            return
+        self._outbox.append((seal(message, self._key_id, key, self._entropy(NONCE_SIZE)), addr))
+        self.counters["datagram_sent"] += 1
+
+    def _piggyback(self, bare_size: int, first: tuple[Update, ...]) -> tuple[Update, ...]:
+        """``first`` then queued updates, all fitting in a datagram of MAX_DATAGRAM bytes."""
+        room = MAX_DATAGRAM - bare_size - sum(update_size(u) for u in first)
+        if not len(self._queue):
+            return first
+        limit = self._config.retransmit_limit(self._live_count)
+        return first + tuple(self._queue.take(room, limit, ACCUSATION_SIZE))
+
+    def _accusation_for(self, peer: bytes) -> tuple[Update, ...]:
+        """Lifeguard: tell a member we suspect (or hold dead) so at the first chance."""
+        member = self._members.get(peer)
+        if member is None:
+            return ()
+        accusation = member.accusation()
+        return () if accusation is None else (accusation,)
+
+    def _send_ping(self, target: bytes, seq: int, addr: Address) -> None:
+        first = self._accusation_for(target)
+        updates = self._piggyback(encoded_size(Ping(seq, target)), first)
+        self._send(target, Ping(seq, target, updates), addr)
+        self.counters["ping_sent"] += 1
+
+    def _send_gossip(self, member: _Member, first: tuple[Update, ...] = ()) -> bool:
+        addr = member.target_address()
+        if addr is None:
+            return False
+        updates = self._piggyback(encoded_size(Ack(GOSSIP_SEQ)), first)
+        if not updates:
+            return False
+        self._send(member.public_key, Ack(GOSSIP_SEQ, updates), addr)
+        self.counters["gossip_sent"] += 1
+        return True
+
+    def _send_state(self, peer: bytes, addr: Address, exchange: int, want_reply: bool) -> None:
+        entries = [self._state_entry(m) for m in self._members.values()]
+        chunks = chunk_state_entries(entries)
+        for part, chunk in enumerate(chunks):
+            self._send(peer, StateSync(exchange, part, len(chunks), want_reply, chunk), addr)
+        self.counters["state_sync_sent"] += 1
+
+    @staticmethod
+    def _state_entry(member: _Member) -> StateEntry:
+        return StateEntry(member.record, member.accusation())
+
+    def _send_hello(self, peer: bytes, addr: Address) -> None:
+        own = self._state_entry(self._members[self._public_key])
+        self._send(peer, StateSync(self._rng.getrandbits(64), 0, 1, True, (own,)), addr)
+
+    # -----------------------------------------------------------------------------------------
+    # Own record
+
+    def _sign_own_record(self) -> MemberRecord:
+        return make_record(
+            self._public_key,
+            self._incarnation,
+            self._status,
+            self._endpoints,
+            self._nat,
+            self._identity.sign,
+        )
+
+    def _new_own_record(self, incarnation: int) -> MemberRecord:
+        """Sign, store and gossip our record at ``incarnation`` with the current facts."""
+        previous = self._incarnation
+        self._incarnation = incarnation
+        try:
+            record = self._sign_own_record()
+        except LocalProtocolError:
+            self._incarnation = previous
+            raise
+        own = self._members[self._public_key]
+        own.record = record
+        own.incarnation = incarnation
+        own.state = MemberState.LEFT if self._status is RecordStatus.LEFT else MemberState.ALIVE
+        own.changed_at = self._now
+        self._enqueue(self._public_key, Alive(record))
+        return record
+
+    def _refute(self, accused_incarnation: int) -> None:
+        """Someone believes we are suspect or dead (or holds a record of an earlier life)."""
+        self._new_own_record(max(self._incarnation, accused_incarnation) + 1)
+        self._awareness.apply(1)
+        self.counters["refuted"] += 1
+
+    # -----------------------------------------------------------------------------------------
+    # Member table: every state change goes through _set_state
+
+    def _view(self, member: _Member) -> MemberView:
+        return MemberView(
+            member.public_key,
+            member.state,
+            member.incarnation,
+            member.record.endpoints,
+            member.record.nat,
+            member.changed_at,
+        )
+
+    def _add_member(
+        self, record: MemberRecord, state: MemberState, accuser: bytes, incarnation: int
+    ) -> _Member:
+        member = _Member(record, MemberState.LEFT, self._now)
+        self._members[record.public_key] = member
+        self._set_state(member, state, incarnation, accuser, announce=False)
+        if state is MemberState.ALIVE:
+            self._events.append(
+                MemberJoined(member.public_key, member.incarnation, record.endpoints, record.nat)
+            )
+        return member
+
+    def _set_state(
+        self,
+        member: _Member,
+        state: MemberState,
+        incarnation: int,
+        accuser: bytes,
+        *,
+        announce: bool = True,
+    ) -> None:
+        """The one place a member's state changes: indexes, timers and events follow it."""
+        old = member.state
+        key = member.public_key
+        member.state = state
+        member.incarnation = incarnation
+        member.accuser = accuser
+        member.changed_at = self._now
+        was_live, is_live = old in _LIVE, state in _LIVE
+        if was_live and not is_live:
+            self._live_count -= 1
+        elif is_live and not was_live:
+            self._live_count += 1
+            self._insert_into_probe_order(member)
+        if state is MemberState.ALIVE:
+            self._alive.add(key)
+        else:
+            self._alive.remove(key)
+        if state is MemberState.DEAD:
+            self._dead.add(key)
+        else:
+            self._dead.remove(key)
+        member.suspicion = None
+        if state is MemberState.SUSPECT:
+            shortest, longest = self._config.suspicion_timeouts(self._live_count)
+            wanted = self._config.confirmations_wanted(self._live_count)
+            member.suspicion = Suspicion(accuser, self._now, shortest, longest, wanted)
+            self._schedule(member.suspicion.deadline, _Timer.SUSPICION, key)
+        if state in _GONE:
+            self._schedule(self._now + self._config.dead_reap_after, _Timer.REAP, key)
+        if not announce:
+            return
+        record = member.record
+        if state is MemberState.SUSPECT:
+            self.counters["suspected"] += 1
+            self._events.append(MemberSuspected(key, incarnation, accuser))
+        elif state is MemberState.DEAD:
+            self.counters["declared_dead"] += 1
+            self._events.append(MemberDead(key, incarnation, accuser))
+        elif state is MemberState.LEFT:
+            self._events.append(MemberLeft(key, incarnation))
+        elif old is MemberState.SUSPECT:
+            self._events.append(MemberAlive(key, incarnation, record.endpoints, record.nat))
+        else:
+            self._events.append(MemberJoined(key, incarnation, record.endpoints, record.nat))
+
+    def _forget(self, key: bytes) -> None:
+        member = self._members.pop(key)
+        if member.state in _LIVE:
+            self._live_count -= 1
+        self._alive.remove(key)
+        self._dead.remove(key)
+        self._queue.discard(key)
+        member.suspicion = None
+
+    def _insert_into_probe_order(self, member: _Member) -> None:
+        """New and returning members go to a random place in the current round."""
+        if member.in_probe_order or member.public_key == self._public_key:
+            return
+        position = self._rng.randint(0, len(self._probe_order))
+        self._probe_order.insert(position, member.public_key)
+        if position < self._probe_index:
+            self._probe_index += 1
+        member.in_probe_order = True
+
+    def _enqueue(self, key: bytes, update: Update) -> None:
+        if not len(self._queue) and self._gossip_at <= self._now:
+            self._gossip_at = self._now + self._config.gossip_interval
+        self._queue.put(key, update, update_size(update))
+
+    def _heard_from(self, sender: bytes, addr: Address) -> None:
+        member = self._members.get(sender)
+        if member is not None:
+            member.address = addr
+
+    # -----------------------------------------------------------------------------------------
+    # Gossip: records and accusations
+
+    def _apply_updates(self, updates: tuple[Update, ...]) -> None:
+        for update in updates:
+            if isinstance(update, Alive):
+                self._on_record(update.record)
+            elif isinstance(update, Suspect):
+                self._on_suspect(update.member, update.incarnation, update.accuser)
+            else:
+                self._on_dead(update.member, update.incarnation, update.accuser)
+
+    def _on_record(self, record: MemberRecord) -> None:
+        """A self-signed record (ALIVE or LEFT) reached us, by gossip, sync or directly."""
+        key = record.public_key
+        member = self._members.get(key)
+        if member is not None:
+            held = member.record
+            if record.incarnation < held.incarnation:
+                return
+            if record.signature == held.signature and record == held:
+                return
+        elif key not in self._trusted:
+            self.counters["untrusted_member"] += 1
+            return
+        if not verify_record(record):
+            self.counters["bad_signature"] += 1
+            return
+        if member is None:
+            state = MemberState.ALIVE if record.status is RecordStatus.ALIVE else MemberState.LEFT
+            self._add_member(record, state, key, record.incarnation)
+            self._enqueue(key, Alive(record))
+        elif key == self._public_key:
+            if record.incarnation >= self._incarnation:
+                self._refute(record.incarnation)
+        else:
+            self._merge_record(member, record)
+
+    def _merge_record(self, member: _Member, record: MemberRecord) -> None:
+        """Apply a verified record that differs from the one we hold (SWIM's Alive rules)."""
+        held = member.record
+        incarnation = record.incarnation
+        if incarnation == held.incarnation and (record.status, record.signature) < (
+            held.status,
+            held.signature,
+        ):
+            return
+        if record.status is RecordStatus.LEFT:
+            if incarnation < member.incarnation:
+                return
+            member.record = record
+            if member.state is not MemberState.LEFT:
+                self._set_state(member, MemberState.LEFT, incarnation, member.public_key)
+            self._enqueue(member.public_key, Alive(record))
+            return
+        if incarnation < member.incarnation:
+            return
+        member.record = record
+        if record.endpoints != held.endpoints:
+            member.address = None
+            member.endpoint_index = 0
+        if incarnation > member.incarnation and member.state is not MemberState.ALIVE:
+            self._set_state(member, MemberState.ALIVE, incarnation, member.public_key)
+        else:
+            member.incarnation = incarnation
+            if member.state in _LIVE and (record.endpoints, record.nat) != (
+                held.endpoints,
+                held.nat,
+            ):
+                self._events.append(
+                    MemberUpdated(member.public_key, incarnation, record.endpoints, record.nat)
+                )
+        self._enqueue(member.public_key, Alive(record))
+
+    def _accused(self, member_key: bytes, incarnation: int, accuser: bytes) -> _Member | None:
+        """The member an accusation is about, if it may be believed at all."""
+        if accuser not in self._trusted and accuser != self._public_key:
+            self.counters["forged_claim"] += 1
+            return None
+        member = self._members.get(member_key)
+        if member is None:
+            if member_key in self._trusted:
+                self.counters["unknown_member"] += 1
+            else:
+                self.counters["untrusted_member"] += 1
+            return None
+        if member_key == self._public_key:
+            if incarnation >= self._incarnation and self._status is RecordStatus.ALIVE:
+                self._refute(incarnation)
+            return None
+        if incarnation < member.incarnation:
+            return None
+        return member
+
+    def _on_suspect(self, member_key: bytes, incarnation: int, accuser: bytes) -> None:
+        member = self._accused(member_key, incarnation, accuser)
+        if member is None:
+            return
+        suspicion = member.suspicion
+        if suspicion is not None:
+            member.incarnation = incarnation
+            if suspicion.confirm(accuser):
+                self._schedule(suspicion.deadline, _Timer.SUSPICION, member_key)
+                self._enqueue(member_key, Suspect(member_key, incarnation, accuser))
+            return
+        if member.state is not MemberState.ALIVE:
+            return
+        self._set_state(member, MemberState.SUSPECT, incarnation, accuser)
+        self._enqueue(member_key, Suspect(member_key, incarnation, accuser))
+
+    def _on_dead(self, member_key: bytes, incarnation: int, accuser: bytes) -> None:
+        member = self._accused(member_key, incarnation, accuser)
+        if member is None or member.state in _GONE:
+            return
+        self._set_state(member, MemberState.DEAD, incarnation, accuser)
+        self._enqueue(member_key, Dead(member_key, incarnation, accuser))
+
+    # -----------------------------------------------------------------------------------------
+    # Messages
+
+    def _on_ping(self, sender: bytes, ping: Ping, addr: Address) -> None:
+        self.counters["ping_received"] += 1
+        self._heard_from(sender, addr)
+        self._apply_updates(ping.updates)
+        if ping.target != self._public_key:
+            self.counters["wrong_target"] += 1
+            return
+        updates = self._piggyback(encoded_size(Ack(ping.seq)), self._accusation_for(sender))
+        self._send(sender, Ack(ping.seq, updates), addr)
+        self.counters["ack_sent"] += 1
+
+    def _on_ack(self, sender: bytes, ack: Ack, addr: Address) -> None:
+        self._heard_from(sender, addr)
+        self._apply_updates(ack.updates)
+        if ack.seq == GOSSIP_SEQ:
+            return
+        self.counters["ack_received"] += 1
+        probe = self._probes.get(ack.seq)
+        if probe is not None and probe.target == sender:
+            if not probe.acked and probe.phase is not _ProbePhase.SETTLING:
+                probe.acked = True
+                if probe.phase is _ProbePhase.DIRECT:
+                    self._awareness.apply(-1)
+            return
+        relay = self._relays.get(ack.seq)
+        if relay is not None and relay.target == sender:
+            del self._relays[ack.seq]
+            updates = self._piggyback(encoded_size(IndirectAck(relay.origin_seq, sender)), ())
+            message = IndirectAck(relay.origin_seq, sender, updates)
+            self._send(relay.origin, message, relay.origin_address)
+            self.counters["indirect_ack_sent"] += 1
+            return
+        self.counters["unexpected_ack"] += 1
+
+    def _on_ping_req(self, sender: bytes, request: PingReq, addr: Address) -> None:
+        self.counters["ping_req_received"] += 1
+        self._heard_from(sender, addr)
+        self._apply_updates(request.updates)
+        target = request.target
+        if target == self._public_key:
+            self._send(sender, IndirectAck(request.seq, target), addr)
+            self.counters["indirect_ack_sent"] += 1
+            return
+        if target not in self._trusted or len(self._relays) >= MAX_RELAYS:
+            self.counters["relay_refused"] += 1
+            return
+        seq = self._next_seq()
+        self._relays[seq] = _Relay(sender, addr, request.seq, target)
+        endpoint = request.target_endpoint
+        self._send_ping(target, seq, (endpoint.host, endpoint.port))
+        self._schedule(self._now + NACK_FRACTION * self._config.probe_timeout, _Timer.RELAY, seq)
+
+    def _on_indirect_ack(self, sender: bytes, ack: IndirectAck, addr: Address) -> None:
+        self.counters["indirect_ack_received"] += 1
+        self._heard_from(sender, addr)
+        self._apply_updates(ack.updates)
+        probe = self._probes.get(ack.seq)
+        if probe is None or probe.target != ack.target or sender not in probe.helpers:
+            self.counters["unexpected_ack"] += 1
+            return
+        if probe.phase is not _ProbePhase.SETTLING:
+            probe.acked = True
+
+    def _on_nack(self, sender: bytes, nack: Nack, addr: Address) -> None:
+        self.counters["nack_received"] += 1
+        self._heard_from(sender, addr)
+        probe = self._probes.get(nack.seq)
+        if probe is not None and probe.target == nack.target and sender in probe.helpers:
+            probe.nacks[sender] = None
+
+    def _on_state_sync(self, sender: bytes, sync: StateSync, addr: Address) -> None:
+        """Merge a chunk of someone's full state; answer with ours if asked.
+
+        A member the sender holds suspect or dead is only *suspected* here (as memberlist
+        does): after a partition each side holds the other dead, and suspicion lets the
+        accused refute instead of dying on the spot. Members we never heard of arrive in the
+        sender's state; dead ones are remembered quietly, so they can be reached to heal.
+        """
+        self.counters["state_sync_received"] += 1
+        self._heard_from(sender, addr)
+        for entry in sync.entries:
+            accusation = entry.suspect_or_dead
+            record = entry.record
+            if (
+                isinstance(accusation, Dead)
+                and record.public_key not in self._members
+                and record.public_key in self._trusted
+                and record.status is RecordStatus.ALIVE
+            ):
+                if verify_record(record):
+                    self._add_member(
+                        record,
+                        MemberState.DEAD,
+                        accusation.accuser,
+                        max(record.incarnation, accusation.incarnation),
+                    )
+                else:
+                    self.counters["bad_signature"] += 1
+                continue
+            self._on_record(record)
+            if accusation is not None:
+                self._on_suspect(accusation.member, accusation.incarnation, sender)
+        if sync.want_reply:
+            last = self._sync_replies.get(sender)
+            if last is None or (
+                last[0] != sync.exchange
+                and self._now - last[1] >= self._config.sync_reply_min_interval
+            ):
+                self._sync_replies[sender] = (sync.exchange, self._now)
+                self._send_state(sender, addr, sync.exchange, want_reply=False)
+
+    # -----------------------------------------------------------------------------------------
+    # Timers
+
+    def _schedule(self, when: float, kind: _Timer, ref: bytes | int) -> None:
+        self._timer_order += 1
+        heapq.heappush(self._timers, (when, self._timer_order, kind, ref))
+
+    def _fire(self, kind: _Timer, ref: bytes | int) -> None:
+        if kind is _Timer.SUSPICION:
+            assert isinstance(ref, bytes)
+            member = self._members.get(ref)
+            suspicion = None if member is None else member.suspicion
+            if member is not None and suspicion is not None and suspicion.deadline <= self._now:
+                self._set_state(member, MemberState.DEAD, member.incarnation, self._public_key)
+                self._enqueue(ref, Dead(ref, member.incarnation, self._public_key))
+        elif kind is _Timer.REAP:
+            assert isinstance(ref, bytes)
+            member = self._members.get(ref)
+            if (
+                member is not None
+                and member.state in _GONE
+                and member.changed_at + self._config.dead_reap_after <= self._now
+                and ref != self._public_key
+            ):
+                self._forget(ref)
+                self.counters["reaped"] += 1
+                self._events.append(MemberReaped(ref))
+        elif kind is _Timer.RELAY:
+            assert isinstance(ref, int)
+            relay = self._relays.pop(ref, None)
+            if relay is not None:
+                self._send(relay.origin, Nack(relay.origin_seq, relay.target), relay.origin_address)
+                self.counters["nack_sent"] += 1
+        else:
+            assert isinstance(ref, int)
+            probe = self._probes.get(ref)
+            if probe is not None:
+                self._advance_probe(probe, kind)
+
+    # -----------------------------------------------------------------------------------------
+    # Probing
+
+    def _next_seq(self) -> int:
+        self._seq = self._seq % 0xFFFFFFFF + 1
+        return self._seq
+
+    def _next_probe_target(self) -> _Member | None:
+        """Randomised round-robin: walk a shuffled list, reshuffled after each full round."""
+        rebuilt = False
+        while True:
+            if self._probe_index >= len(self._probe_order):
+                if rebuilt:
+                    return None
+                self._rebuild_probe_order()
+                rebuilt = True
+                if not self._probe_order:
+                    return None
+            key = self._probe_order[self._probe_index]
+            self._probe_index += 1
+            member = self._members.get(key)
+            if member is None:
+                continue
+            member.in_probe_order = False
+            if member.state in _LIVE:
+                return member
+
+    def _rebuild_probe_order(self) -> None:
+        order = [k for k, m in self._members.items() if m.state in _LIVE and k != self._public_key]
+        self._rng.shuffle(order)
+        for key in order:
+            self._members[key].in_probe_order = True
+        self._probe_order = order
+        self._probe_index = 0
+
+    def _start_probe(self) -> None:
+        member = self._next_probe_target()
+        if member is None:
+            return
+        addr = member.target_address()
+        if addr is None:
+            self.counters["no_address"] += 1
+            return
+        seq = self._next_seq()
+        probe = _Probe(seq, member.public_key)
+        self._probes[seq] = probe
+        self._send_ping(member.public_key, seq, addr)
+        now = self._now
+        self._schedule(
+            now + self._awareness.scale(self._config.probe_timeout), _Timer.PROBE_TIMEOUT, seq
+        )
+        self._schedule(
+            now + self._awareness.scale(self._config.protocol_period), _Timer.PROBE_END, seq
+        )
+
+    def _advance_probe(self, probe: _Probe, kind: _Timer) -> None:
+        member = self._members.get(probe.target)
+        if kind is _Timer.PROBE_TIMEOUT:
+            if probe.acked or probe.phase is not _ProbePhase.DIRECT:
+                return
+            probe.phase = _ProbePhase.INDIRECT
+            if member is None:
+                return
+            addr = member.target_address()
+            if addr is None:
+                return
+            endpoint = Endpoint(addr[0], addr[1])
+            helpers = self._alive.sample(
+                self._rng, self._config.indirect_probes, (probe.target, self._public_key)
+            )
+            probe.helpers = tuple(helpers)
+            for key in helpers:
+                helper = self._members[key]
+                helper_addr = helper.target_address()
+                if helper_addr is None:
+                    continue
+                bare = encoded_size(PingReq(probe.seq, probe.target, endpoint))
+                updates = self._piggyback(bare, ())
+                self._send(key, PingReq(probe.seq, probe.target, endpoint, updates), helper_addr)
+                self.counters["ping_req_sent"] += 1
+        elif kind is _Timer.PROBE_END:
+            if probe.phase is _ProbePhase.SETTLING:
+                return
+            probe.phase = _ProbePhase.SETTLING
+            self._schedule(self._now + self._config.probe_timeout, _Timer.PROBE_SETTLE, probe.seq)
+            if probe.acked:
+                return
+            self.counters["probe_failed"] += 1
+            if member is not None:
+                member.address = None
+                member.endpoint_index += 1
+                if member.state in _LIVE:
+                    self._on_suspect(probe.target, member.incarnation, self._public_key)
+        else:
+            del self._probes[probe.seq]
+            if probe.acked:
+                return
+            expected = len(probe.helpers)
+            self._awareness.apply(expected - len(probe.nacks) if expected else 1)
+
+    # -----------------------------------------------------------------------------------------
+    # Gossip rounds, push-pull, reconnecting and rejoining
+
+    def _gossip_round(self) -> None:
+        targets = self._alive.sample(self._rng, self._config.gossip_nodes, ())
+        for key in targets:
+            if not len(self._queue) or not self._send_gossip(self._members[key]):
+                break
+
+    def _push_pull(self) -> None:
+        chosen = self._alive.sample(self._rng, 1, ())
+        if chosen:
+            member = self._members[chosen[0]]
+            addr = member.target_address()
+            if addr is not None:
+                self._send_state(member.public_key, addr, self._rng.getrandbits(64), True)
+        elif self._live_count == 1 and self._seeds:
+            self.counters["rejoin_attempts"] += 1
+            self._contact_seeds()
+
+    def _reconnect(self) -> None:
+        """Serf-style: the cluster as a whole tries each dead member about once per interval."""
+        dead = len(self._dead)
+        if not dead or self._rng.random() >= dead / self._live_count:
+            return
+        member = self._members[self._dead.sample(self._rng, 1, ())[0]]
+        addr = member.target_address()
+        if addr is not None:
+            self.counters["reconnect_attempts"] += 1
+            self._send_state(member.public_key, addr, self._rng.getrandbits(64), True)
+
+    def _contact_seeds(self) -> None:
+        by_address: dict[Address, bytes] = {}
+        for key, member in self._members.items():
+            if key == self._public_key:
+                continue
+            if member.address is not None:
+                by_address.setdefault(member.address, key)
+            for endpoint in member.record.endpoints:
+                by_address.setdefault((endpoint.host, endpoint.port), key)
+        for addr in self._seeds:
+            known = by_address.get(addr)
+            if known is not None and not self._seed_keys:
+                self._send_state(known, addr, self._rng.getrandbits(64), True)
+                continue
+            for key in self._seed_keys or tuple(self._trusted):
+                self._send_hello(key, addr)
