@@ -148,7 +148,7 @@ def netcheck_command(args: argparse.Namespace) -> int:
     with sock:
         prober = NatProber(
             servers,
-            local_addresses(sock, servers),
+            local_addresses(sock),
             os.urandom,
             StunTiming(rto=args.rto, transmissions=4, last_wait_factor=8),
             SOFTWARE,

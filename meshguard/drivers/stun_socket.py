@@ -21,6 +21,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from pyroute2 import IPRoute
+
 from meshguard.sansio.natdetect import NatProber, NatReport
 from meshguard.sansio.stun import StunResponder
 from meshguard.sansio.types import Address
@@ -98,24 +100,25 @@ def send(sock: socket.socket, data: bytes, addr: Address) -> None:
         sock.sendto(data, (_to_wire(addr[0], ipv6=ipv6), addr[1]))
 
 
-def local_addresses(sock: socket.socket, servers: Sequence[Address]) -> list[Address]:
-    """The (IP, port) pairs our socket uses toward ``servers``, as the routing table chooses."""
+def local_addresses(sock: socket.socket) -> list[Address]:
+    """The (IP, port) pairs ``sock`` can be seen as when no NAT is in the way.
+
+    A socket bound to a wildcard address uses whichever of the host's addresses the route
+    picks, so every address of every interface counts.
+    """
     bound = from_wire(sock.getsockname())
-    found: list[Address] = []
-    for server in servers:
-        if bound[0] not in ("0.0.0.0", "::"):
-            candidate = bound
-        else:
-            family = socket.AF_INET6 if _is_ipv6(server[0]) else socket.AF_INET
-            with socket.socket(family, socket.SOCK_DGRAM) as probe:
-                try:
-                    probe.connect(server)
-                except OSError:
-                    continue
-                candidate = (from_wire(probe.getsockname())[0], bound[1])
-        if candidate not in found:
-            found.append(candidate)
-    return found
+    if bound[0] not in ("0.0.0.0", "::"):
+        return [bound]
+    families = (
+        {socket.AF_INET, socket.AF_INET6} if sock.family == socket.AF_INET6 else {socket.AF_INET}
+    )
+    with IPRoute() as netlink:
+        hosts = [
+            str(message.get_attr("IFA_ADDRESS"))
+            for message in netlink.get_addr()
+            if message["family"] in families and message.get_attr("IFA_ADDRESS") is not None
+        ]
+    return [(host, bound[1]) for host in dict.fromkeys(hosts)]
 
 
 def run_prober(

@@ -12,8 +12,9 @@
    through; a server whose answer addresses were already contacted is not used.
 3. **Hairpinning**, alongside 2: a Binding request to our own mapped address. It counts if it
    comes back to us (as a request, or answered by a mesh node's responder on our port).
-4. **Mapping** (RFC 5780 §4.3): with F, requests to (other IP, primary port) and (other IP,
-   other port). All mapped addresses seen are then compared: the same for every destination →
+4. **Mapping** (RFC 5780 §4.3): with F, a request to (other IP, primary port), and only if
+   that saw a different mapping than test I, one to (other IP, other port). All mapped
+   addresses seen are then compared: the same for every destination →
    endpoint-independent; different across addresses but equal across ports of one address →
    address-dependent; different across ports → address-and-port-dependent. With only plain
    responders on distinct addresses, a difference cannot be attributed to address or port and
@@ -140,6 +141,7 @@ class NatProber:
         self._other_address: dict[Address, Address] = {}
         self._unanswered: list[Address] = []
         self._filtering_server: Address | None = None
+        self._mapping_server: Address | None = None
         self._filtering = NatFiltering.UNKNOWN
         self._hairpin_id: bytes | None = None
         self._hairpinning: bool | None = None
@@ -221,24 +223,31 @@ class NatProber:
                 self._hairpin_id = None
                 self._hairpinning = isinstance(event, MappedAddress)
             elif self._phase is _Phase.DISCOVER or self._phase is _Phase.MAPPING:
-                self._record_mapping(event)
+                self._record_mapping(event, now)
             else:
                 self._record_filtering(event, now)
         self._advance(now)
 
-    def _record_mapping(self, event: MappedAddress | StunTimeout | StunErrorResponse) -> None:
-        if isinstance(event, MappedAddress):
-            self._observations.append(MappingObservation(event.server, event.mapped))
-            other = event.other_address
-            if (
-                other is not None
-                and self._phase is _Phase.DISCOVER
-                and other[0] != event.server[0]
-                and other[1] != event.server[1]
-            ):
+    def _record_mapping(
+        self, event: MappedAddress | StunTimeout | StunErrorResponse, now: float
+    ) -> None:
+        if not isinstance(event, MappedAddress):
+            if self._phase is _Phase.DISCOVER:
+                self._unanswered.append(event.server)
+            return
+        self._observations.append(MappingObservation(event.server, event.mapped))
+        other = event.other_address
+        if self._phase is _Phase.DISCOVER:
+            if other is not None and other[0] != event.server[0] and other[1] != event.server[1]:
                 self._other_address[event.server] = other
-        elif self._phase is _Phase.DISCOVER:
-            self._unanswered.append(event.server)
+            return
+        server = self._mapping_server
+        if server is None:
+            raise LocalProtocolError("mapping result without a mapping server")
+        other = self._other_address[server]
+        first = next(o.mapped for o in self._observations if o.destination == server)
+        if event.server == (other[0], server[1]) and event.mapped != first:
+            self._query(other, now)
 
     def _record_filtering(
         self, event: MappedAddress | StunTimeout | StunErrorResponse, now: float
@@ -280,12 +289,18 @@ class NatProber:
         self._start_mapping_tests(now)
 
     def _start_mapping_tests(self, now: float) -> None:
+        """RFC 5780 §4.3 test II, and test III only if test II saw another mapping.
+
+        Test III goes to the address a filtering answer may already have come from. Linux
+        conntrack remembers such a dropped unsolicited datagram and gives the next outbound
+        flow to that endpoint another port, so an unneeded test III would make an
+        endpoint-independent NAT look port-dependent.
+        """
         self._phase = _Phase.MAPPING
-        server = self._filtering_server or next(iter(self._other_address), None)
-        if server is not None:
-            other = self._other_address[server]
-            self._query((other[0], server[1]), now)
-            self._query(other, now)
+        self._mapping_server = self._filtering_server or next(iter(self._other_address), None)
+        if self._mapping_server is not None:
+            other = self._other_address[self._mapping_server]
+            self._query((other[0], self._mapping_server[1]), now)
 
     def _finish(self) -> None:
         self._phase = _Phase.DONE
