@@ -1,0 +1,242 @@
+"""The composed Node: membership turns into WireGuard peers and traffic flows between them.
+
+A small in-memory network of real ``Node`` cores (SWIM + WireGuard + STUN) with an explicit
+clock: nodes join through one seed, every pair exchanges IP packets over tunnels set up on
+demand, a dead or untrusted member stops being a peer, and one port carries all three
+protocols.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import ipaddress
+import random
+import struct
+
+from meshguard.identity.keys import Identity
+from meshguard.identity.meshaddr import mesh_ipv4, mesh_ipv6
+from meshguard.sansio import stun
+from meshguard.sansio.messages import Endpoint
+from meshguard.sansio.node import Node, NodeConfig, PeerAdded, PeerRemoved
+from meshguard.sansio.swim_config import SwimConfig
+from meshguard.sansio.types import Address
+
+PORT = 51821
+
+
+def ipv4_udp_packet(
+    src: ipaddress.IPv4Address, dst: ipaddress.IPv4Address, payload: bytes
+) -> bytes:
+    header = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + 8 + len(payload), 0, 0, 64, 17, 0, src.packed, dst.packed
+    )
+    checksum = ~sum(struct.unpack("!10H", header)) % 0xFFFF
+    header = header[:10] + struct.pack("!H", checksum) + header[12:]
+    return header + struct.pack("!HHHH", 4000, 5000, 8 + len(payload), 0) + payload
+
+
+def ipv6_udp_packet(
+    src: ipaddress.IPv6Address, dst: ipaddress.IPv6Address, payload: bytes
+) -> bytes:
+    header = struct.pack("!IHBB16s16s", 6 << 28, 8 + len(payload), 17, 64, src.packed, dst.packed)
+    return header + struct.pack("!HHHH", 4000, 5000, 8 + len(payload), 0) + payload
+
+
+class Mesh:
+    """Nodes on one hand-driven network with a fixed latency and an explicit clock."""
+
+    def __init__(self, size: int, *, eager: bool = False, latency: float = 0.005) -> None:
+        self.now = 0.0
+        self.latency = latency
+        self.identities = [
+            Identity.from_seed(hashlib.sha256(f"node-test:{i}".encode()).digest())
+            for i in range(size)
+        ]
+        self.keys = [identity.public_key for identity in self.identities]
+        self.addresses: list[Address] = [(f"192.0.2.{i + 1}", PORT) for i in range(size)]
+        self.index_of = {address: i for i, address in enumerate(self.addresses)}
+        self.down: set[int] = set()
+        self.in_flight: list[tuple[float, int, bytes, Address, Address]] = []
+        self.order = 0
+        self.nodes = [
+            Node(
+                identity,
+                config=NodeConfig(swim=SwimConfig.lan(), eager_tunnels=eager),
+                trusted_keys=self.keys,
+                advertised_endpoints=[Endpoint(*self.addresses[i])],
+                rng=random.Random(i),
+                entropy=random.Random(f"entropy:{i}").randbytes,
+                wallclock=lambda: 1_800_000_000.0 + self.now,
+                now=0.0,
+            )
+            for i, identity in enumerate(self.identities)
+        ]
+        self.events: list[list[object]] = [[] for _ in range(size)]
+        self.received: list[list[bytes]] = [[] for _ in range(size)]
+
+    def flush(self, index: int) -> None:
+        node = self.nodes[index]
+        for data, destination in node.datagrams_to_send():
+            self.order += 1
+            arrival = (
+                self.now + self.latency,
+                self.order,
+                data,
+                self.addresses[index],
+                destination,
+            )
+            heapq.heappush(self.in_flight, arrival)
+        self.received[index].extend(node.tun_packets())
+        self.events[index].extend(node.events())
+
+    def run_until(self, end: float) -> None:
+        while True:
+            deadlines = [
+                (deadline, i)
+                for i, node in enumerate(self.nodes)
+                if i not in self.down and (deadline := node.next_deadline()) is not None
+            ]
+            next_timer = min(deadlines, default=(float("inf"), -1))
+            next_datagram = self.in_flight[0][0] if self.in_flight else float("inf")
+            moment = min(next_timer[0], next_datagram)
+            if moment > end:
+                self.now = end
+                return
+            self.now = max(self.now, moment)
+            if next_datagram <= next_timer[0]:
+                _, _, data, source, destination = heapq.heappop(self.in_flight)
+                index = self.index_of.get(destination)
+                if index is None or index in self.down:
+                    continue
+                self.nodes[index].receive_datagram(data, source, self.now)
+                self.flush(index)
+            else:
+                self.nodes[next_timer[1]].on_timer(self.now)
+                self.flush(next_timer[1])
+
+    def send(self, source: int, packets: list[bytes]) -> None:
+        self.nodes[source].send_packets(packets, self.now)
+        self.flush(source)
+
+    def join_all(self) -> None:
+        for i in range(1, len(self.nodes)):
+            self.nodes[i].join([self.addresses[0]], self.now)
+            self.flush(i)
+
+
+def test_members_become_peers_and_packets_cross_on_demand_tunnels() -> None:
+    mesh = Mesh(4)
+    mesh.join_all()
+    mesh.run_until(10.0)
+    for i, node in enumerate(mesh.nodes):
+        assert node.peer_keys() == sorted(k for j, k in enumerate(mesh.keys) if j != i)
+    assert not any(
+        node.device.peer_stats(node.wireguard_key_of(key)).handshake_completed
+        for node in mesh.nodes
+        for key in node.peer_keys()
+    ), "tunnels must not be set up before traffic needs them"
+
+    for src in range(4):
+        for dst in range(4):
+            if src != dst:
+                payload = f"{src}->{dst}".encode()
+                mesh.send(
+                    src,
+                    [
+                        ipv4_udp_packet(
+                            mesh_ipv4(mesh.keys[src]), mesh_ipv4(mesh.keys[dst]), payload
+                        )
+                    ],
+                )
+                mesh.send(
+                    src,
+                    [
+                        ipv6_udp_packet(
+                            mesh_ipv6(mesh.keys[src]), mesh_ipv6(mesh.keys[dst]), payload
+                        )
+                    ],
+                )
+    mesh.run_until(12.0)
+    for dst in range(4):
+        payloads = sorted(packet[-4:] for packet in mesh.received[dst])
+        expected = sorted(
+            f"{src}->{dst}".encode() for src in range(4) if src != dst for _ in range(2)
+        )
+        assert payloads == expected
+
+
+def test_eager_mode_handshakes_with_every_member() -> None:
+    mesh = Mesh(3, eager=True)
+    mesh.join_all()
+    mesh.run_until(15.0)
+    for node in mesh.nodes:
+        assert len(node.peer_keys()) == 2
+        for key in node.peer_keys():
+            assert node.device.peer_stats(node.wireguard_key_of(key)).handshake_completed
+
+
+def test_dead_member_is_removed_as_peer_and_its_traffic_stops() -> None:
+    mesh = Mesh(4)
+    mesh.join_all()
+    mesh.run_until(10.0)
+    mesh.down.add(3)
+    mesh.run_until(60.0)
+    for i in range(3):
+        assert mesh.keys[3] not in mesh.nodes[i].peer_keys()
+        removed = [e for e in mesh.events[i] if isinstance(e, PeerRemoved)]
+        assert [(e.public_key, e.reason) for e in removed] == [(mesh.keys[3], "dead")]
+    before = len(mesh.received[1])
+    mesh.send(0, [ipv4_udp_packet(mesh_ipv4(mesh.keys[0]), mesh_ipv4(mesh.keys[3]), b"gone")])
+    mesh.run_until(62.0)
+    assert mesh.nodes[0].device.counters["no_route"] >= 1
+    assert len(mesh.received[1]) == before
+
+
+def test_untrusting_a_member_removes_its_tunnel() -> None:
+    mesh = Mesh(3)
+    mesh.join_all()
+    mesh.run_until(10.0)
+    mesh.send(0, [ipv4_udp_packet(mesh_ipv4(mesh.keys[0]), mesh_ipv4(mesh.keys[2]), b"hi!!")])
+    mesh.run_until(11.0)
+    assert mesh.received[2]
+    mesh.nodes[0].set_trusted_keys(mesh.keys[:2], mesh.now)
+    mesh.flush(0)
+    assert mesh.nodes[0].peer_keys() == [mesh.keys[1]]
+    assert PeerRemoved(mesh.keys[2], "untrusted") in mesh.events[0]
+
+
+def test_peer_added_events_carry_mesh_addresses() -> None:
+    mesh = Mesh(2)
+    mesh.join_all()
+    mesh.run_until(5.0)
+    added = [e for e in mesh.events[0] if isinstance(e, PeerAdded)]
+    assert added == [
+        PeerAdded(mesh.keys[1], mesh_ipv4(mesh.keys[1]), mesh_ipv6(mesh.keys[1]), mesh.addresses[1])
+    ]
+
+
+def test_the_mesh_port_answers_stun_binding_requests() -> None:
+    mesh = Mesh(1)
+    client = stun.StunClient(entropy=random.Random(7).randbytes)
+    transaction = client.query(mesh.addresses[0], 0.0)
+    [(request, _)] = client.datagrams_to_send()
+    mesh.nodes[0].receive_datagram(request, ("203.0.113.9", 40000), 0.0)
+    [(answer, destination)] = [
+        item for item in mesh.nodes[0].datagrams_to_send() if stun.is_stun(item[0])
+    ]
+    assert destination == ("203.0.113.9", 40000)
+    client.receive_datagram(answer, mesh.addresses[0], 0.01)
+    assert client.public_address(mesh.addresses[0]) == ("203.0.113.9", 40000)
+    assert transaction
+
+
+def test_garbage_on_the_port_never_raises() -> None:
+    mesh = Mesh(2)
+    rng = random.Random(3)
+    for size in range(0, 200):
+        data = rng.randbytes(size)
+        for prefix in (b"", b"\x01\x00\x00\x00", b"\x04\x00\x00\x00", b"mg\x01\x01"):
+            mesh.nodes[0].receive_datagram(prefix + data, mesh.addresses[1], 1.0)
+            mesh.nodes[0].receive_datagrams([prefix + data, data], mesh.addresses[1], 1.0)
+    mesh.flush(0)
