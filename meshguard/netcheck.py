@@ -23,6 +23,7 @@ from meshguard.drivers.stun_socket import (
     parse_host_port,
     run_prober,
 )
+from meshguard.errors import UserError
 from meshguard.sansio.messages import NatFiltering, NatMapping
 from meshguard.sansio.natdetect import NatProber, NatReport
 from meshguard.sansio.stun import StunTiming
@@ -133,18 +134,22 @@ def format_report(report: NatReport) -> str:
 
 
 def netcheck_command(args: argparse.Namespace) -> int:
-    """Run the probe; 0 when some server answered, 1 when none did, 2 on bad input."""
+    """Run the probe; 0 when some server answered, 1 when none did.
+
+    Bad input (an unparsable or unresolvable server, a port that cannot be bound) raises
+    ``UserError`` before anything is sent.
+    """
     texts: Sequence[str] = args.stun or DEFAULT_STUN_SERVERS
     if args.rto <= 0:
-        print("meshguard: error: --rto must be positive", file=sys.stderr)
-        return 2
+        raise UserError("--rto must be positive")
     try:
         servers = list(dict.fromkeys(_resolve(text) for text in texts))
         dual_stack = any(":" in host for host, _ in servers)
         sock = open_udp_socket("0.0.0.0", args.port, dual_stack=dual_stack)
-    except (UsageError, OSError, OverflowError) as exc:
-        print(f"meshguard: error: {exc}", file=sys.stderr)
-        return 2
+    except UsageError as exc:
+        raise UserError(str(exc)) from exc
+    except (OSError, OverflowError) as exc:
+        raise UserError(f"cannot bind UDP port {args.port}: {exc}") from exc
     with sock:
         prober = NatProber(
             servers,
@@ -167,7 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Find out what the NAT in front of this host does.",
     )
     add_netcheck_arguments(parser)
-    return netcheck_command(parser.parse_args(argv))
+    try:
+        return netcheck_command(parser.parse_args(argv))
+    except UserError as error:
+        print(f"meshguard: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -247,3 +247,45 @@ def test_no_nat_over_ipv6_through_meshguard_responders(clients: dict[str, Namesp
     result = netcheck(clients["pub"], port, *(f"[{ip}]:3478" for ip in RESPONDERS_V6))
     assert result["public_endpoints"] == [f"[2001:db8:103::1]:{port}"]
     assert result["mapping"] == "none"
+
+
+ASK_ONCE = """
+import json, socket, sys
+from meshguard.sansio import stun
+host, port, change = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "change"
+request = stun.StunMessage(
+    stun.MessageClass.REQUEST, bytes(range(12)), change_request=change, change_ip=change,
+    change_port=change,
+)
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("0.0.0.0", 0))
+sock.settimeout(5)
+sock.sendto(stun.encode(request), (host, port))
+data, source = sock.recvfrom(2048)
+reply = stun.decode(data)
+print(json.dumps({
+    "local_port": sock.getsockname()[1], "source": list(source), "fingerprint": reply.fingerprint,
+    "xor_mapped": reply.xor_mapped_address, "mapped": reply.mapped_address,
+    "other": reply.other_address, "origin": reply.response_origin, "software": reply.software,
+    "class": reply.message_class.name,
+}))
+"""
+
+
+@pytest.mark.parametrize("change", [False, True])
+def test_what_coturn_answers(clients: dict[str, Namespace], change: bool) -> None:
+    """Our codec against coturn's RFC 5780 mode: the attributes the prober relies on."""
+    proc = clients["pub"].run(
+        python_argv("-c", ASK_ONCE, COTURN[0], "3478", "change" if change else "plain")
+    )
+    reply = json.loads(proc.stdout)
+    print(reply)
+    mapped = ["198.51.103.1", reply["local_port"]]
+    assert reply["class"] == "SUCCESS"
+    # coturn 4.6.1 (--fingerprint) signs answers from its primary address only; the client
+    # verifies a FINGERPRINT when there is one and accepts answers without.
+    assert reply["fingerprint"] is True or change
+    assert reply["xor_mapped"] == reply["mapped"] == mapped
+    assert reply["other"] == [COTURN[1], 3479]
+    expected_source = [COTURN[1], 3479] if change else [COTURN[0], 3478]
+    assert reply["source"] == reply["origin"] == expected_source
