@@ -251,7 +251,38 @@ def _register_config(subparsers: Subparsers) -> None:
     show.set_defaults(handler=_config_show)
 
 
-REGISTRARS: tuple[Registrar, ...] = (_register_identity, _register_trust, _register_config)
+def _register_daemon(subparsers: Subparsers) -> None:
+    from meshguard import daemon
+
+    run = subparsers.add_parser("run", aliases=["up"], help="run the mesh daemon (root)")
+    daemon.add_run_arguments(run)
+    run.set_defaults(handler=daemon.run_command)
+
+
+def _register_netcheck(subparsers: Subparsers) -> None:
+    from meshguard import netcheck
+
+    check = subparsers.add_parser(
+        "netcheck", help="discover public endpoints, NAT mapping, filtering and hairpinning"
+    )
+    netcheck.add_netcheck_arguments(check)
+    check.set_defaults(handler=netcheck.netcheck_command)
+
+
+def _register_control(subparsers: Subparsers) -> None:
+    from meshguard import cli_control
+
+    cli_control.register(subparsers)
+
+
+REGISTRARS: tuple[Registrar, ...] = (
+    _register_identity,
+    _register_trust,
+    _register_config,
+    _register_daemon,
+    _register_control,
+    _register_netcheck,
+)
 
 
 def build_parser(registrars: Sequence[Registrar] = REGISTRARS) -> argparse.ArgumentParser:
