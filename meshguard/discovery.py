@@ -57,6 +57,10 @@ class SeedError(UserError):
     """A seed string (from the command line, the config file or a TXT record) is malformed."""
 
 
+class DiscoveryError(UserError):
+    """LAN discovery cannot start (no usable interface, multicast socket refused)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Seed:
     """A seed as written: ``host`` is an IP literal (no brackets) or a DNS name."""
@@ -239,8 +243,9 @@ class LanDiscovery:
     """An mDNS/DNS-SD responder for this node and a browser for the others.
 
     Starts on construction; ``close()`` withdraws the advertisement (a goodbye packet) and
-    stops zeroconf's threads. ``addresses`` are the underlay addresses to advertise; by default
-    every suitable address of this host (``is_underlay_address``).
+    stops zeroconf's threads. It runs on every interface except loopback and the mesh TUN, and
+    advertises their addresses (``is_underlay_address``) unless ``addresses`` are given; the
+    interfaces are read once, at start. Raises DiscoveryError if it cannot start.
     """
 
     def __init__(
@@ -252,9 +257,17 @@ class LanDiscovery:
     ) -> None:
         self._public_key = public_key
         self._found: queue.SimpleQueue[LanPeer] = queue.SimpleQueue()
+        interfaces, found = _underlay_interfaces()
+        if not interfaces:
+            raise DiscoveryError("mDNS: no network interface to run on (only loopback and mesh)")
+        advertised = found if addresses is None else list(addresses)
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._zeroconf = Zeroconf(ip_version=IPVersion.All)
-        advertised = addresses if addresses is not None else _host_addresses()
+        try:
+            self._zeroconf = Zeroconf(interfaces=interfaces, ip_version=IPVersion.All)
+        except OSError as error:
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+            raise DiscoveryError(f"mDNS: cannot start: {error}") from None
         self._info = ServiceInfo(
             MDNS_SERVICE_TYPE,
             mdns_instance_name(public_key),
@@ -317,12 +330,24 @@ class LanDiscovery:
             os.write(self._wake_write, b"\0")
 
 
-def _host_addresses() -> list[str]:
-    """Every underlay address of this host's interfaces, sorted."""
-    found: list[str] = []
+def _underlay_interfaces() -> tuple[list[str | int], list[str]]:
+    """Where to run mDNS and what to advertise: every interface but loopback and the mesh's own.
+
+    Returns zeroconf's interface list (IPv4 addresses, and interface indexes for IPv6) and the
+    addresses to advertise (``is_underlay_address``). An interface carrying a mesh address is
+    the TUN device: announcing the mesh over the mesh would only loop back into it.
+    """
+    interfaces: list[str | int] = []
+    advertised: list[str] = []
     for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            text = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
-            if is_underlay_address(text):
-                found.append(text)
-    return sorted(set(found))
+        texts = [ip.ip if isinstance(ip.ip, str) else ip.ip[0] for ip in adapter.ips]
+        addresses = [ipaddress.ip_address(text.split("%")[0]) for text in texts]
+        if any(a in MESH_IPV4_NETWORK or a in MESH_IPV6_NETWORK for a in addresses):
+            continue
+        if all(a.is_loopback for a in addresses):
+            continue
+        interfaces.extend(str(a) for a in addresses if a.version == 4)
+        if adapter.index is not None and any(a.version == 6 for a in addresses):
+            interfaces.append(adapter.index)
+        advertised.extend(str(a) for a in addresses if is_underlay_address(str(a)))
+    return interfaces, sorted(set(advertised))

@@ -223,12 +223,16 @@ def test_dns_lookup_failure_is_one_line_not_an_exception() -> None:
 
 _MDNS_NODE = """
 import json, selectors, sys, time
-from meshguard.discovery import LanDiscovery
+import ifaddr
+from meshguard.discovery import LanDiscovery, _underlay_interfaces
 public_key, port, seconds = bytes.fromhex(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+names = {adapter.index: adapter.nice_name for adapter in ifaddr.get_adapters()}
+interfaces, advertised = _underlay_interfaces()
+used = sorted(names[i] if isinstance(i, int) else i for i in interfaces)
+print("interfaces " + json.dumps([used, advertised]), flush=True)
 discovery = LanDiscovery(public_key, port)
 selector = selectors.DefaultSelector()
 selector.register(discovery, selectors.EVENT_READ)
-print("ready", flush=True)
 deadline = time.monotonic() + seconds
 while time.monotonic() < deadline:
     selector.select(deadline - time.monotonic())
@@ -240,13 +244,24 @@ discovery.close()
 
 @pytest.mark.root
 def test_lan_discovery_between_two_namespaces() -> None:
-    """Two real zeroconf responders+browsers on one veth segment find each other, not themselves."""
+    """Two real zeroconf responders+browsers on one veth segment find each other, not themselves.
+
+    Host a also has a mesh-addressed interface (standing in for mg0): its addresses must not
+    be advertised.
+    """
     keys = {"a": _key(), "b": _key()}
     ports = {"a": 51821, "b": 51999}
     addresses = {"a": "192.168.88.1", "b": "192.168.88.2"}
     with Lab(prefix="mgmdns") as lab:
         hosts = {role: lab.namespace(role) for role in ("a", "b")}
         lab.link(hosts["a"], hosts["b"], "192.168.88.1/24", "192.168.88.2/24")
+        for command in (
+            ["ip", "tuntap", "add", "dev", "mgmesh", "mode", "tun"],
+            ["ip", "addr", "add", "10.99.7.7/16", "dev", "mgmesh"],
+            ["ip", "addr", "add", "fd99:6d67::77/64", "dev", "mgmesh", "nodad"],
+            ["ip", "link", "set", "mgmesh", "up"],
+        ):
+            hosts["a"].run(command)
         env = {"PYTHONPATH": str(REPO)}
         procs = {
             role: hosts[role].popen(
@@ -258,6 +273,7 @@ def test_lan_discovery_between_two_namespaces() -> None:
             for role in hosts
         }
         seen: dict[str, list[tuple[str, list[str], int]]] = {"a": [], "b": []}
+        interfaces: dict[str, list[list[str]]] = {}
         selector = selectors.DefaultSelector()
         for role, proc in procs.items():
             assert proc.stdout is not None
@@ -274,6 +290,8 @@ def test_lan_discovery_between_two_namespaces() -> None:
                 buffers[key.data] += chunk
                 *lines, buffers[key.data] = buffers[key.data].split(b"\n")
                 for line in lines:
+                    if line.startswith(b"interfaces "):
+                        interfaces[key.data] = json.loads(line.split(b" ", 1)[1])
                     if line.startswith(b"["):
                         seen[key.data].append(tuple(json.loads(line)))
         for role, proc in procs.items():
@@ -281,6 +299,11 @@ def test_lan_discovery_between_two_namespaces() -> None:
                 lab.stop(proc)
                 assert proc.stderr is not None
                 pytest.fail(f"{role} found nobody: {proc.stderr.read().decode()[-2000:]}")
+        for role in ("a", "b"):
+            used, advertised = interfaces[role]
+            assert addresses[role] in used
+            assert not {"mgmesh", "10.99.7.7", "lo", "127.0.0.1"} & set(used)
+            assert advertised == [addresses[role]]
         for role, other in (("a", "b"), ("b", "a")):
             assert {entry[0] for entry in seen[role]} == {keys[other].hex()}
             assert all(entry[1] == [addresses[other]] for entry in seen[role])
