@@ -22,12 +22,14 @@ def seeded_entropy(seed: int) -> Callable[[int], bytes]:
 
 
 class FakeWallClock:
-    """A wall clock the test moves by hand (the TAI64N timestamps come from it)."""
+    """A wall clock for TAI64N timestamps: a second later at every reading, so successive
+    handshakes carry newer timestamps; tests move ``now`` by hand to go back in time."""
 
     def __init__(self, start: float = 1_700_000_000.0) -> None:
         self.now = start
 
     def __call__(self) -> float:
+        self.now += 1.0
         return self.now
 
 

@@ -600,6 +600,17 @@ class WireGuardDevice:
             self.counters["handshake_invalid"] += 1
             return
         peer = peers[initiation.initiator_static]
+        if (
+            peer.initiation is not None
+            and now - peer.last_sent_handshake < REKEY_TIMEOUT
+            and self._identity.public > peer.public_key
+        ):
+            # Both sides initiated at once. Answering would discard our own initiation (its
+            # state is replaced, as in wireguard-go) and both handshakes would fail; the side
+            # with the greater key keeps its own, the other answers it (wireguard-go always
+            # answers, so it works with a plain WireGuard peer too).
+            self.counters["handshake_collision"] += 1
+            return
         if initiation.timestamp <= peer.last_timestamp:
             self.counters["handshake_replay"] += 1
             return
