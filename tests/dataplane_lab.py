@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ipaddress
+import itertools
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 from tests.netns import Lab, Namespace, run, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
+_interface_numbers = itertools.count()
 WG_PORT = 51820
 MG_PORT = 51821
 
@@ -74,6 +76,7 @@ class MeshguardNode:
     interface: str = "mg0"
     port: int = MG_PORT
     extra_args: list[str] = field(default_factory=list)
+    command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "meshguard.daemon"])
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -108,7 +111,7 @@ class MeshguardNode:
         settings.write_text("\n".join(lines) + "\n")
         log = self.log_path.open("ab")
         self.process = self.ns.popen(
-            [sys.executable, "-m", "meshguard.daemon", "--config", str(settings), *self.extra_args],
+            [*self.command, "--config", str(settings), *self.extra_args],
             env={"MESHGUARD_CONFIG_DIR": str(self.directory), "PYTHONPATH": str(REPO)},
             cwd=REPO,
             stdout=log,
@@ -151,7 +154,7 @@ class WireGuardGoNode:
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
-        self.interface = f"wgo{self.lab.suffix}{len(self.lab.processes)}"[:15]
+        self.interface = f"wgo{self.lab.suffix}{next(_interface_numbers)}"[:15]
         self.private_key, self.public_key = wg_genkey()
         self.socket = Path(f"/var/run/wireguard/{self.interface}.sock")
 

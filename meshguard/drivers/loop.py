@@ -137,7 +137,7 @@ class DataPlane:
             else:
                 try:
                     packets.extend(offload.segment(buf, mtu))
-                except (offload.OffloadError, IndexError, ValueError):
+                except offload.OffloadError:
                     self.counters.tun_read_drops += 1
             if len(packets) >= PACKETS_PER_ROUND:
                 break

@@ -228,14 +228,15 @@ def _segment_tcp(packet: bytes, ipv4: bool, gso_size: int, l4: int, mtu: int) ->
     return segments
 
 
-def _coalesce_key(packet: bytes) -> tuple[bytes, int, int, int, int] | None:
-    """(flow key, L4 offset, TCP header length, sequence number, flags) of a TCP segment
-    that may be glued to its neighbours, or None if it must be written on its own.
+def _run_start(packet: bytes) -> tuple[int, int] | None:
+    """(L4 offset, payload offset) if ``packet`` is a TCP segment that may start a run.
 
-    The key holds every header byte that must be equal within one super-packet: addresses,
-    ports, acknowledgement, window, options, TOS/traffic class, TTL/hop limit.
+    It must be IPv4 without options and unfragmented, or IPv6 with TCP as next header;
+    carry a payload; have only ACK (and maybe PSH) set; and be exactly as long as its IP
+    header says.
     """
-    if len(packet) < 40:
+    size = len(packet)
+    if size < 41:
         return None
     version = packet[0] >> 4
     if version == 4:
@@ -244,43 +245,39 @@ def _coalesce_key(packet: bytes) -> tuple[bytes, int, int, int, int] | None:
             or packet[9] != _PROTO_TCP
             or packet[6] & 0x3F
             or packet[7]
-            or int.from_bytes(packet[2:4], "big") != len(packet)
+            or int.from_bytes(packet[2:4], "big") != size
         ):
             return None
         l4 = 20
-        ip_key = packet[0:2] + packet[6:10] + packet[12:20]
     elif version == 6:
-        if len(packet) < 60 or packet[6] != _PROTO_TCP or (
-            int.from_bytes(packet[4:6], "big") + 40 != len(packet)
-        ):
+        if size < 61 or packet[6] != _PROTO_TCP or int.from_bytes(packet[4:6], "big") + 40 != size:
             return None
         l4 = 40
-        ip_key = packet[0:4] + packet[7:40]
     else:
         return None
-    tcp_len = (packet[l4 + 12] >> 4) * 4
-    flags = packet[l4 + 13]
-    if tcp_len < 20 or l4 + tcp_len >= len(packet) or flags & ~_TCP_PSH != _TCP_ACK:
+    payload_start = l4 + (packet[l4 + 12] >> 4) * 4
+    if payload_start < l4 + 20 or payload_start >= size or packet[l4 + 13] & ~_TCP_PSH != _TCP_ACK:
         return None
-    key = (
-        ip_key
-        + packet[l4 : l4 + 4]
-        + packet[l4 + 8 : l4 + 13]
-        + packet[l4 + 14 : l4 + 16]
-        + packet[l4 + 18 : l4 + tcp_len]
-    )
-    return key, l4, tcp_len, int.from_bytes(packet[l4 + 4 : l4 + 8], "big"), flags
+    return l4, payload_start
 
 
-def _super_packet(first: bytes, l4: int, tcp_len: int, payloads: list[bytes], psh: int) -> bytes:
-    """One TUN write (virtio-net header + TSO packet) carrying the segments' payloads."""
+def _super_packet(
+    first: bytes, l4: int, payload_start: int, payloads: list[bytes], flags: int = _TCP_ACK
+) -> bytes:
+    """One TUN write (virtio-net header + TSO packet) carrying the segments' payloads;
+    ``flags`` are the last segment's (it may carry PSH)."""
     gso_size = len(payloads[0])
     payload = b"".join(payloads)
-    l4_len = tcp_len + len(payload)
-    tcp_header = first[l4 : l4 + 13] + bytes((_TCP_ACK | psh,)) + first[l4 + 14 : l4 + tcp_len]
+    l4_len = payload_start - l4 + len(payload)
     # With F_NEEDS_CSUM the checksum field holds the pseudo-header sum, not yet complemented.
     partial = (_pseudo_sum(first) + l4_len) % 0xFFFF or 0xFFFF
-    tcp_header = tcp_header[:16] + partial.to_bytes(2, "big") + tcp_header[18:]
+    tcp_header = (
+        first[l4 : l4 + 13]
+        + bytes((flags,))
+        + first[l4 + 14 : l4 + 16]
+        + partial.to_bytes(2, "big")
+        + first[l4 + 18 : payload_start]
+    )
     if l4 == 20:
         length = 20 + l4_len
         ip_fixed = ones_sum(first[0:2]) + ones_sum(first[4:10]) + ones_sum(first[12:20])
@@ -295,7 +292,7 @@ def _super_packet(first: bytes, l4: int, tcp_len: int, payloads: list[bytes], ps
     else:
         ip = first[0:4] + l4_len.to_bytes(2, "big") + first[6:40]
         gso_type = GSO_TCPV6
-    header = _VNET.pack(F_NEEDS_CSUM, gso_type, l4 + tcp_len, gso_size, l4, 16)
+    header = _VNET.pack(F_NEEDS_CSUM, gso_type, payload_start, gso_size, l4, 16)
     return header + ip + tcp_header + payload
 
 
@@ -304,54 +301,68 @@ def coalesce(packets: Sequence[bytes]) -> list[bytes]:
 
     Runs of adjacent in-order TCP segments of one flow, all of one size except possibly a
     shorter last one, become one TSO super-packet (the receive-side twin of :func:`segment`,
-    like GRO), so the kernel's stack sees one packet per run and we make one write. Anything
-    else is written alone, marked checksum-valid.
+    like the kernel's GRO), so the kernel's stack sees one packet per run and we make one
+    write. A segment joins a run only if every header field the kernel's GRO compares is
+    equal (addresses, ports, ACK, window, options, TOS/traffic class, TTL/hop limit). PSH
+    ends a run. Anything else is written alone, marked checksum-valid.
     """
     writes: list[bytes] = []
-    run: list[bytes] = []
-    run_first = b""
-    run_key = b""
-    run_l4 = run_tcp_len = run_next_seq = run_size = run_length = 0
+    append = writes.append
+    payloads: list[bytes] = []
+    first = b""
+    l4 = payload_start = next_seq = gso_size = length = 0
+    ip_a = ip_b = ip_c = ip_d = flow_start = flow_end = 0
+    ip_head = ip_tail = flow = ack = window = options = b""
     for packet in packets:
-        info = _coalesce_key(packet)
-        if info is not None:
-            key, l4, tcp_len, seq, flags = info
-            payload_start = l4 + tcp_len
+        if payloads:
             size = len(packet) - payload_start
             if (
-                run
-                and key == run_key
-                and seq == run_next_seq
-                and size <= run_size
-                and run_length + size <= _MAX_IP_PACKET
+                0 < size <= gso_size
+                and length + size <= _MAX_IP_PACKET
+                and packet[flow_start:flow_end] == flow
+                and packet[l4 + 8 : l4 + 13] == ack
+                and packet[l4 + 14 : l4 + 16] == window
+                and packet[l4 + 18 : payload_start] == options
+                and packet[ip_a:ip_b] == ip_head
+                and packet[ip_c:ip_d] == ip_tail
+                and packet[l4 + 13] | _TCP_PSH == _TCP_ACK | _TCP_PSH
+                and int.from_bytes(packet[l4 + 4 : l4 + 8], "big") == next_seq
             ):
-                run.append(packet[payload_start:])
-                run_next_seq = (seq + size) & 0xFFFFFFFF
-                run_length += size
-                if size < run_size or flags & _TCP_PSH:
-                    writes.append(_finish_run(run_first, run_l4, run_tcp_len, run, flags))
-                    run = []
+                payloads.append(packet[payload_start:])
+                length += size
+                next_seq = (next_seq + size) & 0xFFFFFFFF
+                if size == gso_size and not packet[l4 + 13] & _TCP_PSH:
+                    continue
+                append(_super_packet(first, l4, payload_start, payloads, packet[l4 + 13]))
+                payloads = []
                 continue
-            if run:
-                writes.append(_finish_run(run_first, run_l4, run_tcp_len, run, 0))
-                run = []
-            if not flags & _TCP_PSH:
-                run = [packet[payload_start:]]
-                run_first, run_key, run_l4, run_tcp_len = packet, key, l4, tcp_len
-                run_next_seq = (seq + size) & 0xFFFFFFFF
-                run_size = size
-                run_length = payload_start + size
-                continue
-        elif run:
-            writes.append(_finish_run(run_first, run_l4, run_tcp_len, run, 0))
-            run = []
-        writes.append(DATA_VALID_HEADER + packet)
-    if run:
-        writes.append(_finish_run(run_first, run_l4, run_tcp_len, run, 0))
-    return writes
-
-
-def _finish_run(first: bytes, l4: int, tcp_len: int, payloads: list[bytes], flags: int) -> bytes:
+            if len(payloads) == 1:
+                append(DATA_VALID_HEADER + first)
+            else:
+                append(_super_packet(first, l4, payload_start, payloads))
+            payloads = []
+        start = _run_start(packet)
+        if start is None or packet[start[0] + 13] & _TCP_PSH:
+            append(DATA_VALID_HEADER + packet)
+            continue
+        l4, payload_start = start
+        first = packet
+        gso_size = len(packet) - payload_start
+        length = len(packet)
+        next_seq = (int.from_bytes(packet[l4 + 4 : l4 + 8], "big") + gso_size) & 0xFFFFFFFF
+        if l4 == 20:
+            flow_start, flow_end, ip_a, ip_b, ip_c, ip_d = 12, 24, 0, 2, 6, 10
+        else:
+            flow_start, flow_end, ip_a, ip_b, ip_c, ip_d = 8, 44, 0, 4, 6, 8
+        flow = packet[flow_start:flow_end]
+        ip_head = packet[ip_a:ip_b]
+        ip_tail = packet[ip_c:ip_d]
+        ack = packet[l4 + 8 : l4 + 13]
+        window = packet[l4 + 14 : l4 + 16]
+        options = packet[l4 + 18 : payload_start]
+        payloads = [packet[payload_start:]]
     if len(payloads) == 1:
-        return DATA_VALID_HEADER + first
-    return _super_packet(first, l4, tcp_len, payloads, flags & _TCP_PSH)
+        append(DATA_VALID_HEADER + first)
+    elif payloads:
+        append(_super_packet(first, l4, payload_start, payloads))
+    return writes
