@@ -74,6 +74,8 @@ class Cluster:
         self.delivered = 0
         self.dropped = 0
         self.largest_datagram = 0
+        self.taps: list[Callable[[int, Address, bytes], None]] = []
+        """Called with (sender index, destination, datagram) for every datagram sent."""
 
     # -- nodes -------------------------------------------------------------------------
 
@@ -159,6 +161,8 @@ class Cluster:
             assert len(data) <= MAX_DATAGRAM, f"datagram of {len(data)} bytes"
             self.largest_datagram = max(self.largest_datagram, len(data))
             self.sent[index] += 1
+            for tap in self.taps:
+                tap(index, destination, data)
             self._send(data, self.addresses[index], destination)
         for event in node.events():
             self.events[index].append((self.now, event))

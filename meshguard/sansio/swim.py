@@ -137,7 +137,7 @@ COUNTERS = (
     "reaped",
     "removed",
     "reconnect_attempts",
-    "rejoin_attempts",
+    "seed_attempts",
 )
 """Every counter name, present from the start so metrics see zeros rather than gaps."""
 
@@ -505,7 +505,9 @@ class Membership:
         if self._status is RecordStatus.LEFT:
             self._status = RecordStatus.ALIVE
             self._new_own_record(self._incarnation + 1)
-        self._contact_seeds()
+        by_address = self._members_by_address()
+        for addr in self._seeds:
+            self._contact_seed(addr, by_address.get(addr))
 
     def leave(self, now: float) -> None:
         """Leave gracefully: sign a LEFT record, send it to a few members and gossip it."""
@@ -1281,22 +1283,35 @@ class Membership:
             addr = member.target_address()
             if addr is not None:
                 self._send_state(member.public_key, addr, self._rng.getrandbits(64), True)
-        elif self._live_count == 1 and self._seeds:
-            self.counters["rejoin_attempts"] += 1
-            self._contact_seeds()
 
     def _reconnect(self) -> None:
-        """Serf-style: the cluster as a whole tries each dead member about once per interval."""
-        dead = len(self._dead)
-        if not dead or self._rng.random() >= dead / self._live_count:
-            return
-        member = self._members[self._dead.sample(self._rng, 1, ())[0]]
-        addr = member.target_address()
-        if addr is not None:
-            self.counters["reconnect_attempts"] += 1
-            self._send_state(member.public_key, addr, self._rng.getrandbits(64), True)
+        """Try a dead member, and seeds that are not live members, now and then.
 
-    def _contact_seeds(self) -> None:
+        Serf-style: the cluster as a whole tries each dead member about once per interval
+        (probability dead / live per node), so two sides of a partition that declared each
+        other dead find each other again. Seeds are tried with probability 1 / live per node:
+        that rejoins an isolated node every interval and heals partitions that outlived
+        ``dead_reap_after`` (when the other side is forgotten, a seed is the only way back).
+        """
+        dead = len(self._dead)
+        if dead and self._rng.random() < dead / self._live_count:
+            member = self._members[self._dead.sample(self._rng, 1, ())[0]]
+            addr = member.target_address()
+            if addr is not None:
+                self.counters["reconnect_attempts"] += 1
+                self._send_state(member.public_key, addr, self._rng.getrandbits(64), True)
+        if not self._seeds:
+            return
+        by_address = self._members_by_address()
+        for addr in self._seeds:
+            known = by_address.get(addr)
+            if known is not None and self._members[known].state in _LIVE:
+                continue
+            if self._rng.random() < 1 / self._live_count:
+                self.counters["seed_attempts"] += 1
+                self._contact_seed(addr, known)
+
+    def _members_by_address(self) -> dict[Address, bytes]:
         by_address: dict[Address, bytes] = {}
         for key, member in self._members.items():
             if key == self._public_key:
@@ -1305,10 +1320,12 @@ class Membership:
                 by_address.setdefault(member.address, key)
             for endpoint in member.record.endpoints:
                 by_address.setdefault((endpoint.host, endpoint.port), key)
-        for addr in self._seeds:
-            known = by_address.get(addr)
-            if known is not None and not self._seed_keys:
-                self._send_state(known, addr, self._rng.getrandbits(64), True)
-                continue
-            for key in self._seed_keys or tuple(self._trusted):
-                self._send_hello(key, addr)
+        return by_address
+
+    def _contact_seed(self, addr: Address, known: bytes | None) -> None:
+        """Full state to a seed whose key we know, else a hello for each candidate key."""
+        if known is not None and not self._seed_keys:
+            self._send_state(known, addr, self._rng.getrandbits(64), True)
+            return
+        for key in self._seed_keys or tuple(self._trusted):
+            self._send_hello(key, addr)

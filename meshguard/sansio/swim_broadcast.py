@@ -8,7 +8,8 @@ and dropped after the retransmit limit.
 
 Entries live in buckets keyed by how often they were sent; inside a bucket dict order is age
 (oldest first), so taking updates costs O(updates taken + a few skipped), never a sort of the
-whole queue.
+whole queue. Updates sent together move to the next bucket keeping their order; updates sent
+at different times are ordered there by when they were last sent (close to their age).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class TransmitQueue:
                     skipped += 1
                     if skipped > MAX_SKIPS:
                         break
-        for sent, member in chosen:
+        for sent, member in reversed(chosen):
             bucket = self._buckets[sent]
             entry = bucket.pop(member)
             if not bucket:

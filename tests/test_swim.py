@@ -1,0 +1,548 @@
+"""Unit tests of the membership machine with explicit time: small clusters and forged input."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshguard.identity.keys import Identity, ed25519_public_to_x25519
+from meshguard.sansio import codec
+from meshguard.sansio.errors import LocalProtocolError
+from meshguard.sansio.messages import (
+    Ack,
+    Alive,
+    Dead,
+    Endpoint,
+    MemberRecord,
+    Message,
+    NatInfo,
+    Ping,
+    RecordStatus,
+    StateEntry,
+    StateSync,
+    Suspect,
+    Update,
+)
+from meshguard.sansio.swim import (
+    MemberAlive,
+    MemberDead,
+    MemberJoined,
+    MemberLeft,
+    MemberReaped,
+    Membership,
+    MemberState,
+    MemberSuspected,
+    MemberUntrusted,
+    SwimConfig,
+)
+from tests.swim_cluster import Cluster, identity
+
+STRANGER = identity("stranger")
+
+
+def sealed(sender: Identity, receiver: bytes, message: Message) -> bytes:
+    key = codec.pair_key(
+        sender.x25519_private,
+        ed25519_public_to_x25519(receiver),
+        sender.public_key,
+        receiver,
+    )
+    return codec.seal(message, codec.key_id(sender.public_key), key, bytes(12))
+
+
+def opened(receiver: Identity, sender: bytes, datagram: bytes) -> Message:
+    key = codec.pair_key(
+        receiver.x25519_private,
+        ed25519_public_to_x25519(sender),
+        receiver.public_key,
+        sender,
+    )
+    return codec.open_datagram(datagram, key)
+
+
+def record_of(
+    who: Identity, incarnation: int, host: str = "10.9.9.9", port: int = 1
+) -> MemberRecord:
+    return codec.make_record(
+        who.public_key, incarnation, RecordStatus.ALIVE, [Endpoint(host, port)], NatInfo(), who.sign
+    )
+
+
+def gossip(cluster: Cluster, sender: int, receiver: int, *updates: Update) -> None:
+    """Deliver updates to ``receiver`` in an authentic gossip datagram from ``sender``."""
+    datagram = sealed(cluster.identities[sender], cluster.keys[receiver], Ack(0, updates))
+    cluster.inject(datagram, cluster.addresses[sender], receiver)
+
+
+def converged_cluster(size: int, config: SwimConfig | None = None, seed: int = 1) -> Cluster:
+    cluster = Cluster(size, config=config, seed=seed)
+    cluster.start_all()
+    cluster.run_until_converged(30)
+    for index in range(size):
+        cluster.events[index].clear()
+    return cluster
+
+
+def snapshot(node: Membership) -> list[tuple[bytes, MemberState, int, tuple[Endpoint, ...]]]:
+    return [(m.public_key, m.state, m.incarnation, m.endpoints) for m in node.members()]
+
+
+# -- probing -------------------------------------------------------------------------------
+
+
+def test_probes_are_acked_and_nobody_is_suspected() -> None:
+    cluster = converged_cluster(3)
+    before = cluster.node(0).counters["ping_sent"]
+    cluster.run_for(30)
+    counters = cluster.node(0).counters
+    assert 25 <= counters["ping_sent"] - before <= 31
+    assert counters["ack_received"] >= counters["ping_sent"] - 1
+    assert counters["probe_failed"] == 0
+    assert all(not cluster.events_of(i, MemberSuspected) for i in range(3))
+    assert cluster.node(0).local_health == 0
+
+
+def test_every_member_is_probed_within_two_rounds() -> None:
+    cluster = converged_cluster(8)
+    probed: dict[tuple[str, int], None] = {}
+
+    def tap(sender: int, destination: tuple[str, int], datagram: bytes) -> None:
+        if sender == 0:
+            message = opened(
+                cluster.identities[cluster.index_of[destination]], cluster.keys[0], datagram
+            )
+            if isinstance(message, Ping):
+                probed[destination] = None
+
+    cluster.taps.append(tap)
+    cluster.run_for(2 * 7 * cluster.config.protocol_period)
+    assert sorted(probed) == sorted(cluster.addresses[1:])
+
+
+def test_indirect_probe_reaches_a_member_behind_a_broken_direct_link() -> None:
+    cluster = converged_cluster(3)
+    cluster.block(0, 1)
+    cluster.run_for(60)
+    assert cluster.node(0).counters["ping_req_sent"] > 0
+    assert cluster.node(2).counters["indirect_ack_sent"] > 0
+    assert cluster.node(0).counters["indirect_ack_received"] > 0
+    assert cluster.state(0, 1) is MemberState.ALIVE
+    assert cluster.state(1, 0) is MemberState.ALIVE
+    assert not cluster.events_of(0, MemberSuspected)
+    assert not cluster.events_of(1, MemberSuspected)
+
+
+def test_helpers_nack_when_the_target_does_not_answer() -> None:
+    cluster = converged_cluster(4)
+    cluster.crash(3)
+    cluster.run_for(10)
+    nacks_sent = sum(cluster.node(i).counters["nack_sent"] for i in range(3))
+    nacks_received = sum(cluster.node(i).counters["nack_received"] for i in range(3))
+    assert nacks_sent > 0
+    assert nacks_received == nacks_sent
+    assert all(cluster.node(i).local_health == 0 for i in range(3))
+
+
+def test_a_crashed_member_is_suspected_then_declared_dead_after_the_suspicion_timeout() -> None:
+    cluster = converged_cluster(3)
+    cluster.crash(2)
+    cluster.run_for(20)
+    shortest, _ = cluster.config.suspicion_timeouts(3)
+    for observer in (0, 1):
+        assert cluster.state(observer, 2) is MemberState.DEAD
+    suspected = {
+        i: [t for t, e in cluster.events[i] if isinstance(e, MemberSuspected)] for i in (0, 1)
+    }
+    died = {i: [t for t, e in cluster.events[i] if isinstance(e, MemberDead)] for i in (0, 1)}
+    first = min((0, 1), key=lambda i: suspected[i][0])
+    assert died[first][0] - suspected[first][0] == pytest.approx(shortest)
+    assert all(len(died[i]) == 1 for i in (0, 1))
+
+
+def test_a_suspected_member_refutes_and_is_alive_again() -> None:
+    cluster = converged_cluster(3)
+    accused = cluster.node(1).incarnation
+    gossip(cluster, 2, 0, Suspect(cluster.keys[1], accused, cluster.keys[2]))
+    assert cluster.state(0, 1) is MemberState.SUSPECT
+    cluster.run_for(5)
+    assert cluster.node(1).incarnation == accused + 1
+    assert cluster.node(1).counters["refuted"] == 1
+    assert cluster.state(0, 1) is MemberState.ALIVE
+    kinds = [type(e) for _, e in cluster.events[0] if e.public_key == cluster.keys[1]]
+    assert kinds == [MemberSuspected, MemberAlive]
+    assert not cluster.events_of(2, MemberDead)
+
+
+def test_the_next_ping_to_a_suspected_member_tells_it_first() -> None:
+    cluster = converged_cluster(3)
+    pings: list[Ping] = []
+
+    def tap(sender: int, destination: tuple[str, int], datagram: bytes) -> None:
+        if sender == 0 and destination == cluster.addresses[1]:
+            message = opened(cluster.identities[1], cluster.keys[0], datagram)
+            if isinstance(message, Ping):
+                pings.append(message)
+
+    cluster.taps.append(tap)
+    accusation = Suspect(cluster.keys[1], cluster.node(1).incarnation, cluster.keys[2])
+    gossip(cluster, 2, 0, accusation)
+    cluster.crash(1)
+    cluster.run_for(10)
+    assert pings
+    assert pings[0].updates[0] == accusation
+
+
+def test_dead_members_are_told_when_they_speak_so_they_refute() -> None:
+    cluster = converged_cluster(3)
+    old = cluster.node(1).incarnation
+    gossip(cluster, 2, 0, Dead(cluster.keys[1], old, cluster.keys[2]))
+    assert cluster.state(0, 1) is MemberState.DEAD
+    cluster.run_for(10)
+    assert cluster.node(1).incarnation > old
+    assert cluster.state(0, 1) is MemberState.ALIVE
+    assert cluster.events_of(0, MemberJoined)
+
+
+# -- Lifeguard -----------------------------------------------------------------------------
+
+
+def lone_node_knowing(cluster: Cluster, members: range) -> Membership:
+    """Node 0 alone, after a state sync from node 1 listing ``members``."""
+    cluster.start(0)
+    entries = tuple(StateEntry(record_of(cluster.identities[i], 0)) for i in members)
+    sync = StateSync(1, 0, 1, False, entries)
+    cluster.inject(sealed(cluster.identities[1], cluster.keys[0], sync), ("10.9.9.9", 1), 0)
+    node = cluster.node(0)
+    assert node.live_count == len(members) + 1
+    return node
+
+
+def time_to_death(confirmers: tuple[int, ...]) -> float:
+    """Seconds from a suspicion of node 7 to its death, with these nodes confirming it.
+
+    The probe period is so long that node 0's own probes decide nothing meanwhile; the
+    suspicion spans 4 s (shortest) to 24 s (longest) for these 8 members.
+    """
+    slow = SwimConfig(protocol_period=100.0, probe_timeout=1.0, suspicion_min_multiplier=0.04)
+    cluster = Cluster(8, config=slow)
+    lone_node_knowing(cluster, range(1, 8))
+    start = cluster.now
+    gossip(cluster, 1, 0, Suspect(cluster.keys[7], 0, cluster.keys[1]))
+    for confirmer in confirmers:
+        gossip(cluster, confirmer, 0, Suspect(cluster.keys[7], 0, cluster.keys[confirmer]))
+    cluster.run_for(30)
+    deaths = [t for t, e in cluster.events[0] if isinstance(e, MemberDead)]
+    assert len(deaths) == 1
+    return deaths[0] - start
+
+
+def test_independent_confirmations_shorten_the_suspicion() -> None:
+    shortest, longest = 4.0, 24.0
+    alone = time_to_death(())
+    one = time_to_death((2,))
+    two = time_to_death((2, 3))
+    repeated = time_to_death((1, 1, 1))
+    assert alone == pytest.approx(longest)
+    assert repeated == pytest.approx(longest)
+    assert one == pytest.approx(longest - (longest - shortest) * math.log(2) / math.log(3))
+    assert two == pytest.approx(shortest)
+
+
+def test_a_node_that_misses_acks_and_nacks_stretches_its_own_probe_period() -> None:
+    cluster = converged_cluster(4)
+    for other in (1, 2, 3):
+        cluster.block(0, other, both_ways=False)
+    cluster.run_for(30)
+    node = cluster.node(0)
+    assert node.local_health == cluster.config.awareness_max - 1
+    before = node.counters["ping_sent"]
+    cluster.run_for(40)
+    assert node.counters["ping_sent"] - before <= 6
+    cluster.heal()
+    cluster.run_for(120)
+    assert node.local_health == 0
+
+
+def test_refuting_raises_local_health() -> None:
+    cluster = converged_cluster(3)
+    gossip(cluster, 2, 1, Suspect(cluster.keys[1], cluster.node(1).incarnation, cluster.keys[2]))
+    assert cluster.node(1).local_health == 1
+
+
+# -- leaving, joining, reaping -------------------------------------------------------------
+
+
+def test_graceful_leave_is_seen_as_left_never_as_dead() -> None:
+    cluster = converged_cluster(4)
+    cluster.node(3).leave(cluster.now)
+    cluster._flush(3)
+    cluster.run_for(2)
+    cluster.crash(3)
+    cluster.run_for(60)
+    for observer in range(3):
+        assert cluster.state(observer, 3) is MemberState.LEFT
+        assert [type(e) for _, e in cluster.events[observer]] == [MemberLeft]
+
+
+def test_a_left_node_can_join_again() -> None:
+    cluster = converged_cluster(3)
+    cluster.node(2).leave(cluster.now)
+    cluster.run_for(5)
+    assert cluster.state(0, 2) is MemberState.LEFT
+    cluster.join(2, [0])
+    cluster.run_until_converged(10)
+
+
+def test_join_through_a_seed_address_alone() -> None:
+    cluster = Cluster(3)
+    cluster.start_all(join_via=None)
+    cluster.join(1, [0], with_keys=False)
+    cluster.join(2, [0], with_keys=False)
+    cluster.run_until_converged(20)
+    assert cluster.node(0).counters["auth_failed"] == 2
+
+
+def test_a_node_restarted_with_the_same_key_supersedes_its_old_records() -> None:
+    cluster = converged_cluster(4)
+    cluster.node(3).set_advertised_endpoints([Endpoint(*cluster.addresses[3])], cluster.now)
+    cluster.run_for(5)
+    old = cluster.node(0).member(cluster.keys[3]).incarnation  # type: ignore[union-attr]
+    cluster.crash(3)
+    cluster.start(3)
+    cluster.join(3, [0])
+    cluster.run_for(5)
+    assert cluster.converged()
+    assert cluster.node(3).incarnation > old
+    assert cluster.node(0).member(cluster.keys[3]).incarnation > old  # type: ignore[union-attr]
+
+
+def test_dead_members_are_reaped_after_the_configured_time() -> None:
+    cluster = converged_cluster(3, SwimConfig(dead_reap_after=60.0))
+    cluster.crash(2)
+    cluster.run_for(20)
+    assert cluster.state(0, 2) is MemberState.DEAD
+    cluster.run_for(61)
+    assert cluster.state(0, 2) is None
+    assert len(cluster.node(0).members()) == 2
+    assert cluster.events_of(0, MemberReaped) == [MemberReaped(cluster.keys[2])]
+
+
+def test_a_stale_record_cannot_resurrect_a_dead_member() -> None:
+    cluster = converged_cluster(3)
+    host, port = cluster.addresses[2]
+    genuine = record_of(cluster.identities[2], 0, host, port)
+    assert cluster.node(0).member(cluster.keys[2]).endpoints == genuine.endpoints  # type: ignore[union-attr]
+    cluster.crash(2)
+    cluster.run_for(20)
+    assert cluster.state(0, 2) is MemberState.DEAD
+    gossip(cluster, 1, 0, Alive(genuine))
+    gossip(cluster, 1, 0, Alive(record_of(cluster.identities[2], 0, "10.7.7.7", 7)))
+    assert cluster.state(0, 2) is MemberState.DEAD
+    assert len(cluster.events_of(0, MemberDead)) == 1
+    assert not cluster.events_of(0, MemberJoined)
+
+
+def test_two_sides_heal_after_declaring_each_other_dead() -> None:
+    cluster = converged_cluster(10)
+    left, right = range(5), range(5, 10)
+    cluster.partition(left, right)
+    cluster.run_for(300)
+    assert all(cluster.state(a, b) is MemberState.DEAD for a in left for b in right)
+    assert all(cluster.state(b, a) is MemberState.DEAD for a in left for b in right)
+    cluster.heal()
+    took = cluster.run_until_converged(120)
+    assert took < 90
+    assert sum(cluster.node(i).counters["reconnect_attempts"] for i in range(10)) > 0
+
+
+def test_two_sides_heal_through_seeds_after_forgetting_each_other() -> None:
+    cluster = converged_cluster(10, SwimConfig(dead_reap_after=120.0))
+    left, right = range(5), range(5, 10)
+    cluster.partition(left, right)
+    cluster.run_for(400)
+    assert all(cluster.state(a, b) is None for a in left for b in right)
+    cluster.heal()
+    cluster.run_until_converged(300)
+    assert sum(cluster.node(i).counters["seed_attempts"] for i in right) > 0
+
+
+# -- the datagram budget -------------------------------------------------------------------
+
+
+def test_every_datagram_fits_1280_bytes_even_with_large_records() -> None:
+    endpoints = [Endpoint(f"fd00:{n:x}::{n:x}", 40000 + n) for n in range(15)]
+    cluster = Cluster(30, seed=7)
+    for index in range(30):
+        cluster.start(index)
+        node = cluster.node(index)
+        own = Endpoint(*cluster.addresses[index])
+        node.set_advertised_endpoints([own, *endpoints], cluster.now)
+    for index in range(1, 30):
+        cluster.join(index, [0])
+    cluster.run_until_converged(120)
+    cluster.crash(29)
+    cluster.run_for(60)
+    assert 1000 < cluster.largest_datagram <= codec.MAX_DATAGRAM
+
+
+# -- trust ---------------------------------------------------------------------------------
+
+
+def test_a_datagram_from_an_untrusted_key_changes_nothing() -> None:
+    cluster = converged_cluster(3)
+    node = cluster.node(0)
+    before = snapshot(node)
+    message = Ack(0, (Alive(record_of(STRANGER, 5)),))
+    cluster.inject(sealed(STRANGER, cluster.keys[0], message), ("10.9.9.9", 1), 0)
+    assert node.counters["untrusted_sender"] == 1
+    assert snapshot(node) == before
+    assert cluster.events[0] == []
+
+
+def test_a_forged_record_changes_nothing() -> None:
+    cluster = converged_cluster(3)
+    node = cluster.node(0)
+    before = snapshot(node)
+    genuine = record_of(cluster.identities[2], 9)
+    forged = dataclasses.replace(genuine, endpoints=(Endpoint("192.0.2.66", 666),))
+    gossip(cluster, 1, 0, Alive(forged))
+    assert node.counters["bad_signature"] == 1
+    signed_by_other = dataclasses.replace(
+        genuine, signature=record_of(cluster.identities[1], 9).signature
+    )
+    gossip(cluster, 1, 0, Alive(signed_by_other))
+    assert node.counters["bad_signature"] == 2
+    assert snapshot(node) == before
+
+
+def test_a_record_about_an_untrusted_key_is_not_admitted() -> None:
+    cluster = converged_cluster(3)
+    gossip(cluster, 1, 0, Alive(record_of(STRANGER, 0)))
+    assert cluster.node(0).counters["untrusted_member"] == 1
+    assert cluster.node(0).member(STRANGER.public_key) is None
+
+
+def test_accusations_by_or_about_untrusted_keys_change_nothing() -> None:
+    cluster = converged_cluster(3)
+    node = cluster.node(0)
+    before = snapshot(node)
+    gossip(cluster, 1, 0, Suspect(cluster.keys[2], 5, STRANGER.public_key))
+    gossip(cluster, 1, 0, Dead(cluster.keys[2], 5, STRANGER.public_key))
+    assert node.counters["forged_claim"] == 2
+    gossip(cluster, 1, 0, Dead(STRANGER.public_key, 5, cluster.keys[1]))
+    assert node.counters["untrusted_member"] == 1
+    assert snapshot(node) == before
+    assert cluster.events[0] == []
+
+
+def test_a_tampered_or_reflected_datagram_is_dropped() -> None:
+    cluster = converged_cluster(3)
+    node = cluster.node(0)
+    before = snapshot(node)
+    datagram = bytearray(sealed(cluster.identities[1], cluster.keys[0], Ack(0, ())))
+    datagram[-1] ^= 1
+    cluster.inject(bytes(datagram), cluster.addresses[1], 0)
+    assert node.counters["auth_failed"] == 1
+    own = sealed(cluster.identities[0], cluster.keys[1], Ping(1, cluster.keys[0]))
+    cluster.inject(own, cluster.addresses[1], 0)
+    assert node.counters["from_self"] == 1
+    assert snapshot(node) == before
+
+
+def test_an_ack_from_someone_other_than_the_target_does_not_count() -> None:
+    cluster = converged_cluster(3)
+    forged: list[bytes] = []
+
+    def answer_in_the_name_of_node_1(
+        sender: int, destination: tuple[str, int], data: bytes
+    ) -> None:
+        if sender == 0 and destination == cluster.addresses[2]:
+            message = opened(cluster.identities[2], cluster.keys[0], data)
+            if isinstance(message, Ping):
+                forged.append(sealed(cluster.identities[1], cluster.keys[0], Ack(message.seq)))
+
+    cluster.taps.append(answer_in_the_name_of_node_1)
+    cluster.crash(2)
+    while cluster.state(0, 2) is MemberState.ALIVE:
+        cluster.run_for(0.05)
+        while forged:
+            cluster.inject(forged.pop(), cluster.addresses[1], 0)
+    assert cluster.node(0).counters["unexpected_ack"] > 0
+    assert cluster.state(0, 2) is MemberState.SUSPECT
+
+
+def test_untrusting_a_member_removes_it_and_trusting_it_again_readmits_it() -> None:
+    cluster = converged_cluster(3)
+    node = cluster.node(0)
+    node.set_trusted_keys(cluster.keys[:2], cluster.now)
+    assert node.member(cluster.keys[2]) is None
+    assert node.events() == [MemberUntrusted(cluster.keys[2])]
+    cluster.run_for(10)
+    assert node.member(cluster.keys[2]) is None
+    assert node.counters["untrusted_sender"] > 0
+    node.set_trusted_keys(cluster.keys, cluster.now)
+    cluster.run_until_converged(60)
+
+
+def test_trusted_keys_must_be_valid_keys() -> None:
+    cluster = Cluster(1)
+    cluster.start(0)
+    with pytest.raises(LocalProtocolError):
+        cluster.node(0).set_trusted_keys([b"\x00" * 31], 0.0)
+
+
+@functools.cache
+def fuzz_target() -> Cluster:
+    return converged_cluster(2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=1400))
+def test_arbitrary_bytes_are_dropped_cleanly(data: bytes) -> None:
+    cluster = fuzz_target()
+    node = cluster.node(0)
+    before = snapshot(node)
+    trusted_header = b"mg\x01\x01\x00\x00\x00\x00" + codec.key_id(cluster.keys[1])
+    node.receive_datagram(data, ("192.0.2.1", 9), cluster.now)
+    node.receive_datagram(trusted_header + data, ("192.0.2.1", 9), cluster.now)
+    assert snapshot(node) == before
+    assert node.datagrams_to_send() == []
+    assert node.events() == []
+
+
+# -- determinism ---------------------------------------------------------------------------
+
+
+def run_trace(seed: int) -> list[tuple[int, tuple[str, int], bytes]]:
+    cluster = Cluster(6, seed=seed, loss=0.05)
+    trace: list[tuple[int, tuple[str, int], bytes]] = []
+    cluster.taps.append(lambda sender, destination, data: trace.append((sender, destination, data)))
+    cluster.start_all()
+    cluster.run_for(30)
+    cluster.crash(5)
+    cluster.run_for(30)
+    return trace
+
+
+def test_the_same_seed_gives_the_same_datagrams() -> None:
+    assert run_trace(11) == run_trace(11)
+    assert run_trace(11) != run_trace(12)
+
+
+def test_a_node_needs_an_identity() -> None:
+    with pytest.raises(LocalProtocolError):
+        Membership(
+            "not an identity",  # type: ignore[arg-type]
+            config=SwimConfig(),
+            trusted_keys=[],
+            advertised_endpoints=[],
+            rng=random.Random(1),
+            entropy=random.Random(1).randbytes,
+            now=0.0,
+        )
