@@ -6,6 +6,15 @@ Example::
     interface = "mg0"
     mtu = 1420
 
+    seeds = ["203.0.113.10:51821", "[2001:db8::10]:51821", "seed.example.com:51821"]
+    dns_seed_domain = "example.com"   # TXT records at _meshguard._udp.example.com
+    mdns = true                       # LAN discovery (mDNS/DNS-SD)
+    eager_tunnels = false             # handshake with every member at once
+    metrics = "127.0.0.1:9101"        # Prometheus text at http://127.0.0.1:9101/metrics
+    swim_profile = "wan"              # or "lan": faster failure detection on one LAN
+    advertise = ["198.51.100.7:51821"]  # endpoints other members use; default: interfaces
+    stun_servers = ["stun.example.net:3478"]  # learn (and advertise) the public endpoint
+
     [[wireguard_peer]]              # a plain WireGuard device (phone, router, wireguard-go)
     public_key = "<base64 X25519>"
     endpoint = "192.0.2.1:51820"    # or "[2001:db8::1]:51820" or "host.example:51820"
@@ -15,8 +24,9 @@ Example::
 
 Every problem is reported as one line naming the file and the field
 (``meshguard.toml: wireguard_peer[1].endpoint: expected host:port``); unknown keys are errors,
-so a typo never silently changes nothing. Each section is parsed by its own function, so new
-sections (seeds, discovery, ...) are new entries in ``_TOP_LEVEL`` and new fields.
+so a typo never silently changes nothing. Each key is parsed by its own function (an entry in
+``_TOP_LEVEL``). ``meshguard run``'s flags override the file; ``parse_flag_endpoint`` checks
+their values the same way.
 """
 
 from __future__ import annotations
@@ -72,12 +82,27 @@ class WireGuardPeerSettings:
     persistent_keepalive: int | None = None
 
 
+SWIM_PROFILES = ("wan", "lan")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     listen_port: int = DEFAULT_LISTEN_PORT
     interface: str = DEFAULT_INTERFACE
     mtu: int = DEFAULT_MTU
     wireguard_peers: tuple[WireGuardPeerSettings, ...] = ()
+    seeds: tuple[HostPort, ...] = ()
+    """Where to join when the state file knows nobody reachable; host names resolve at start."""
+    dns_seed_domain: str | None = None
+    """Seeds published as TXT records at ``_meshguard._udp.<domain>``."""
+    mdns: bool = True
+    eager_tunnels: bool = False
+    metrics: HostPort | None = None
+    """Where to serve Prometheus text (port 0: any free port); None: no metrics."""
+    swim_profile: str = "wan"
+    advertise: tuple[HostPort, ...] = ()
+    """Endpoints (IP literals) other members reach this node at; empty: the host's interfaces."""
+    stun_servers: tuple[HostPort, ...] = ()
 
 
 def load_settings(path: Path) -> Settings:
@@ -99,6 +124,11 @@ def parse_settings(text: str, *, source: str = "<settings>") -> Settings:
     except tomllib.TOMLDecodeError as error:
         raise SettingsError(f"{source}: invalid TOML: {error}") from None
     return _Parser(source).settings(document)
+
+
+def parse_flag_endpoint(flag: str, text: str, *, allow_zero_port: bool = False) -> HostPort:
+    """A ``HOST:PORT`` command-line value, checked like the file's; SettingsError names ``flag``."""
+    return _Parser("command line").endpoint(flag, text, allow_zero_port=allow_zero_port)
 
 
 class _Parser:
@@ -158,7 +188,7 @@ class _Parser:
             raise self.fail(field, "expected a base64 32-byte key (44 characters)")
         return key
 
-    def endpoint(self, field: str, value: Any) -> HostPort:
+    def endpoint(self, field: str, value: Any, *, allow_zero_port: bool = False) -> HostPort:
         text = self.string(field, value).strip()
         host, separator, port_text = text.rpartition(":")
         if not separator or not host or not port_text.isdigit():
@@ -178,9 +208,47 @@ class _Parser:
                 if not _HOSTNAME.fullmatch(host) or len(host) > 253:
                     raise self.fail(field, f"{host!r} is not an IP address or host name") from None
         port = int(port_text)
-        if not 1 <= port <= 65535:
-            raise self.fail(field, f"port must be between 1 and 65535, got {port}")
+        lowest = 0 if allow_zero_port else 1
+        if not lowest <= port <= 65535:
+            raise self.fail(field, f"port must be between {lowest} and 65535, got {port}")
         return HostPort(host, port)
+
+    def endpoints(self, field: str, value: Any) -> tuple[HostPort, ...]:
+        if not isinstance(value, list):
+            raise self.fail(field, f"expected a list of \"host:port\" strings, got {_kind(value)}")
+        found = [self.endpoint(f"{field}[{index}]", item) for index, item in enumerate(value)]
+        return tuple(dict.fromkeys(found))
+
+    def ip_endpoints(self, field: str, value: Any) -> tuple[HostPort, ...]:
+        found = self.endpoints(field, value)
+        for index, endpoint in enumerate(found):
+            try:
+                ipaddress.ip_address(endpoint.host)
+            except ValueError:
+                raise self.fail(
+                    f"{field}[{index}]", f"{endpoint.host!r} is not an IP address"
+                ) from None
+        return found
+
+    def listen_address(self, field: str, value: Any) -> HostPort:
+        return self.endpoint(field, value, allow_zero_port=True)
+
+    def boolean(self, field: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(field, f"expected true or false, got {_kind(value)}")
+        return value
+
+    def domain(self, field: str, value: Any) -> str:
+        name = self.string(field, value).strip().rstrip(".")
+        if not _HOSTNAME.fullmatch(name) or len(name) > 253:
+            raise self.fail(field, f"{name!r} is not a domain name")
+        return name
+
+    def swim_profile(self, field: str, value: Any) -> str:
+        profile = self.string(field, value)
+        if profile not in SWIM_PROFILES:
+            raise self.fail(field, f"expected one of {', '.join(SWIM_PROFILES)}, got {profile!r}")
+        return profile
 
     def networks(self, field: str, value: Any) -> tuple[Network, ...]:
         if not isinstance(value, list):
@@ -241,6 +309,14 @@ _TOP_LEVEL: dict[str, _Field] = {
     "interface": ("interface", _Parser.interface),
     "mtu": ("mtu", _Parser.mtu),
     "wireguard_peer": ("wireguard_peers", _Parser.wireguard_peers),
+    "seeds": ("seeds", _Parser.endpoints),
+    "dns_seed_domain": ("dns_seed_domain", _Parser.domain),
+    "mdns": ("mdns", _Parser.boolean),
+    "eager_tunnels": ("eager_tunnels", _Parser.boolean),
+    "metrics": ("metrics", _Parser.listen_address),
+    "swim_profile": ("swim_profile", _Parser.swim_profile),
+    "advertise": ("advertise", _Parser.ip_endpoints),
+    "stun_servers": ("stun_servers", _Parser.endpoints),
 }
 
 _PEER_FIELDS: dict[str, _Field] = {

@@ -1,0 +1,124 @@
+"""meshguard.toml parsing: every key, its default, and one-line errors for bad values."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from meshguard.settings import (
+    HostPort,
+    Settings,
+    SettingsError,
+    load_settings,
+    parse_flag_endpoint,
+    parse_settings,
+)
+
+KEY = base64.b64encode(bytes(range(32))).decode()
+
+
+def test_empty_file_gives_the_defaults() -> None:
+    settings = parse_settings("")
+    assert settings == Settings()
+    assert settings.listen_port == 51821
+    assert settings.interface == "mg0"
+    assert settings.mtu == 1420
+    assert settings.mdns is True
+    assert settings.eager_tunnels is False
+    assert settings.swim_profile == "wan"
+    assert settings.seeds == settings.advertise == settings.stun_servers == ()
+    assert settings.metrics is None and settings.dns_seed_domain is None
+
+
+def test_every_mesh_key_is_read() -> None:
+    settings = parse_settings(
+        """
+        listen_port = 5000
+        interface = "mesh1"
+        mtu = 1380
+        seeds = ["192.0.2.1:51821", "[2001:db8::1]:51821", "seed.example.com:51821",
+                 "192.0.2.1:51821"]
+        dns_seed_domain = "example.com."
+        mdns = false
+        eager_tunnels = true
+        metrics = "127.0.0.1:0"
+        swim_profile = "lan"
+        advertise = ["198.51.100.7:5000", "[2001:db8::7]:5000"]
+        stun_servers = ["stun.example.net:3478"]
+
+        [[wireguard_peer]]
+        public_key = "{KEY}"
+        endpoint = "192.0.2.9:51820"
+        allowed_ips = ["10.99.7.7/32"]
+        persistent_keepalive = 25
+        """.replace("{KEY}", KEY)
+    )
+    assert settings.listen_port == 5000
+    assert settings.interface == "mesh1"
+    assert settings.mtu == 1380
+    assert settings.seeds == (
+        HostPort("192.0.2.1", 51821),
+        HostPort("2001:db8::1", 51821),
+        HostPort("seed.example.com", 51821),
+    )
+    assert settings.dns_seed_domain == "example.com"
+    assert settings.mdns is False
+    assert settings.eager_tunnels is True
+    assert settings.metrics == HostPort("127.0.0.1", 0)
+    assert settings.swim_profile == "lan"
+    assert settings.advertise == (HostPort("198.51.100.7", 5000), HostPort("2001:db8::7", 5000))
+    assert settings.stun_servers == (HostPort("stun.example.net", 3478),)
+    (peer,) = settings.wireguard_peers
+    assert peer.public_key == bytes(range(32))
+    assert peer.allowed_ips == (ipaddress.ip_network("10.99.7.7/32"),)
+    assert peer.persistent_keepalive == 25
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("listen_port = 70000", "listen_port: must be between 0 and 65535, got 70000"),
+        ('mtu = "big"', "mtu: expected an integer, got a string"),
+        ('interface = "far-too-long-name0"', "interface: 'far-too-long-name0' is not"),
+        ("sedes = []", "sedes: unknown setting (known: advertise, dns_seed_domain"),
+        ('seeds = "192.0.2.1:51821"', 'seeds: expected a list of "host:port" strings'),
+        ('seeds = ["192.0.2.1"]', "seeds[0]: expected host:port or [IPv6]:port"),
+        ('seeds = ["2001:db8::1:51821"]', "seeds[0]: write an IPv6 endpoint as [address]:port"),
+        ('seeds = ["192.0.2.1:0"]', "seeds[0]: port must be between 1 and 65535, got 0"),
+        ('seeds = ["bad_host!:1"]', "seeds[0]: 'bad_host!' is not an IP address or host name"),
+        ('dns_seed_domain = "no spaces.example"', "dns_seed_domain: 'no spaces.example' is not"),
+        ("dns_seed_domain = 7", "dns_seed_domain: expected a string, got an integer"),
+        ('mdns = "yes"', "mdns: expected true or false, got a string"),
+        ("eager_tunnels = 1", "eager_tunnels: expected true or false, got an integer"),
+        ('metrics = "9101"', "metrics: expected host:port or [IPv6]:port, got '9101'"),
+        ('swim_profile = "fast"', "swim_profile: expected one of wan, lan, got 'fast'"),
+        ('advertise = ["host.example:51821"]', "advertise[0]: 'host.example' is not an IP"),
+        ("stun_servers = [3478]", "stun_servers[0]: expected a string, got an integer"),
+    ],
+)
+def test_bad_values_are_one_line_naming_the_key(text: str, message: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        parse_settings(text, source="meshguard.toml")
+    error = str(raised.value)
+    assert "\n" not in error
+    assert error.startswith("meshguard.toml: ")
+    assert message in error
+
+
+def test_flag_values_are_checked_like_the_file() -> None:
+    assert parse_flag_endpoint("--seed", "[2001:db8::1]:1") == HostPort("2001:db8::1", 1)
+    assert parse_flag_endpoint("--metrics", "0.0.0.0:0", allow_zero_port=True).port == 0
+    with pytest.raises(SettingsError, match=r"^command line: --seed: port must be between 1"):
+        parse_flag_endpoint("--seed", "192.0.2.1:0")
+
+
+def test_unreadable_file_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="no such file"):
+        load_settings(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"seeds = [\xff]")
+    with pytest.raises(SettingsError, match="not UTF-8"):
+        load_settings(bad)
