@@ -276,9 +276,10 @@ class ControlServer:
 
     def close(self) -> None:
         """Close every connection and remove the socket file (if it is still ours)."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         for connection in list(self._connections.values()):
             self._drop(connection)
         with contextlib.suppress(FileNotFoundError):
@@ -406,7 +407,12 @@ class ControlServer:
                     os.write(self._wake_write, b"\0")
 
         connection.waiting = True
-        self._source.ping(base64.b64decode(member["public_key"]), float(timeout), done)
+        try:
+            self._source.ping(base64.b64decode(member["public_key"]), float(timeout), done)
+        except BaseException:
+            finished.set()
+            connection.waiting = False
+            raise
 
     def _send(self, connection: _Connection, message: dict[str, Any]) -> None:
         connection.outbuf += _encode(message)

@@ -320,6 +320,19 @@ def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(
     assert ControlClient(tmp_path).status()["members"]
 
 
+def test_a_ping_that_fails_to_start_does_not_wedge_the_connection(
+    tmp_path: Path, served: ControlServer, daemon: FakeDaemon
+) -> None:
+    def broken(public_key: bytes, timeout: float, done: PingDone) -> None:
+        raise OSError("no route")
+
+    daemon.ping = broken  # type: ignore[method-assign]
+    with ControlClient(tmp_path) as client:
+        with pytest.raises(ControlError, match="internal error in ping: no route"):
+            client.ping("db1")
+        assert len(client.status()["members"]) == 3
+
+
 def test_down_asks_the_daemon_to_stop(
     tmp_path: Path, served: ControlServer, daemon: FakeDaemon
 ) -> None:
