@@ -122,3 +122,88 @@ def test_unreadable_file_is_one_line(tmp_path: Path) -> None:
     bad.write_bytes(b"seeds = [\xff]")
     with pytest.raises(SettingsError, match="not UTF-8"):
         load_settings(bad)
+
+
+PSK = base64.b64encode(b"\x07" * 32).decode()
+OTHER_KEY = base64.b64encode(bytes(range(1, 33))).decode()
+
+
+def test_wireguard_peers_every_field() -> None:
+    settings = parse_settings(
+        f"""
+        [[wireguard_peer]]
+        public_key = "{KEY}"
+        endpoint = "192.0.2.1:51820"
+        allowed_ips = ["10.99.7.7/32", "fd99:6d67::7/128", "192.168.5.9/24"]
+        preshared_key = "{PSK}"
+        persistent_keepalive = 25
+
+        [[wireguard_peer]]
+        public_key = "{OTHER_KEY}"
+        endpoint = "[2001:db8::1]:51820"
+        persistent_keepalive = 0
+        """
+    )
+    first, second = settings.wireguard_peers
+    assert first.public_key == bytes(range(32))
+    assert first.endpoint == HostPort("192.0.2.1", 51820)
+    assert first.allowed_ips == (
+        ipaddress.ip_network("10.99.7.7/32"),
+        ipaddress.ip_network("fd99:6d67::7/128"),
+        ipaddress.ip_network("192.168.5.0/24"),
+    )
+    assert first.preshared_key == b"\x07" * 32
+    assert first.persistent_keepalive == 25
+    assert second.endpoint == HostPort("2001:db8::1", 51820)
+    assert str(second.endpoint) == "[2001:db8::1]:51820"
+    assert second.allowed_ips == () and second.preshared_key is None
+    assert second.persistent_keepalive is None
+
+
+def test_preshared_key_is_not_in_repr() -> None:
+    settings = parse_settings(f'[[wireguard_peer]]\npublic_key = "{KEY}"\npreshared_key = "{PSK}"')
+    assert PSK not in repr(settings) and "\\x07\\x07" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("endpoint = '192.0.2.1:5'", "wireguard_peer[0].public_key: missing"),
+        ("public_key = 'AAAA'", "wireguard_peer[0].public_key: expected a base64 32-byte key"),
+        (f"public_key = '{KEY}'\npreshared_key = 'x'", "wireguard_peer[0].preshared_key: expected"),
+        (f"public_key = '{KEY}'\nendpoint = '192.0.2.1'", "wireguard_peer[0].endpoint: expected"),
+        (
+            f"public_key = '{KEY}'\nallowed_ips = ['10.0.0.0/33']",
+            "wireguard_peer[0].allowed_ips[0]: '10.0.0.0/33' is not an address/prefix",
+        ),
+        (
+            f"public_key = '{KEY}'\nallowed_ips = '10.0.0.0/8'",
+            "wireguard_peer[0].allowed_ips: expected a list of CIDR strings, got a string",
+        ),
+        (
+            f"public_key = '{KEY}'\npersistent_keepalive = 1.5",
+            "wireguard_peer[0].persistent_keepalive: expected an integer, got a number",
+        ),
+        (
+            f"public_key = '{KEY}'\npersistent_keepalive = 70000",
+            "wireguard_peer[0].persistent_keepalive: must be between 0 and 65535",
+        ),
+        (f"public_key = '{KEY}'\nallowed-ips = []", "wireguard_peer[0].allowed-ips: unknown"),
+        (
+            f"public_key = '{KEY}'\n[[wireguard_peer]]\npublic_key = '{KEY}'",
+            "wireguard_peer[1].public_key: same key as wireguard_peer[0]",
+        ),
+    ],
+)
+def test_bad_wireguard_peers_are_one_line_naming_the_field(table: str, message: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        parse_settings("[[wireguard_peer]]\n" + table, source="meshguard.toml")
+    error = str(raised.value)
+    assert "\n" not in error
+    assert error.startswith("meshguard.toml: ")
+    assert message in error
+
+
+def test_wireguard_peer_must_be_an_array_of_tables() -> None:
+    with pytest.raises(SettingsError, match="wireguard_peer: expected \\[\\[wireguard_peer\\]\\]"):
+        parse_settings("wireguard_peer = 3")
