@@ -293,6 +293,7 @@ def test_ipv4_mapped_ipv6_addresses_are_encoded_as_ipv4() -> None:
         StunMessage(MessageClass.REQUEST, bytes(12), change_ip=True),
         StunMessage(MessageClass.ERROR, bytes(12), error=ErrorCode(200)),
         StunMessage(MessageClass.REQUEST, bytes(12), other_attributes=((0x8028, b"1234"),)),
+        StunMessage(MessageClass.ERROR, bytes(12), unknown_attributes=(0x10000,)),
     ],
 )
 def test_encoding_nonsense_is_caller_misuse(message: StunMessage) -> None:

@@ -280,7 +280,10 @@ class NatProber:
         if public:
             self._hairpin_id = self._query(public[0], now)
         contacted_hosts = {host for host, _ in self._contacted}
-        for server, other in self._other_address.items():
+        for server in self.servers:
+            other = self._other_address.get(server)
+            if other is None:
+                continue
             if other[0] not in contacted_hosts and (server[0], other[1]) not in self._contacted:
                 self._filtering_server = server
                 self._phase = _Phase.FILTER_CHANGE_IP_AND_PORT
@@ -297,27 +300,33 @@ class NatProber:
         endpoint-independent NAT look port-dependent.
         """
         self._phase = _Phase.MAPPING
-        self._mapping_server = self._filtering_server or next(iter(self._other_address), None)
+        self._mapping_server = self._filtering_server or next(
+            (server for server in self.servers if server in self._other_address), None
+        )
         if self._mapping_server is not None:
             other = self._other_address[self._mapping_server]
             self._query((other[0], self._mapping_server[1]), now)
 
     def _finish(self) -> None:
         self._phase = _Phase.DONE
+        # Configured servers first, in the order given, then the mapping tests as sent.
+        observations = sorted(
+            self._observations, key=lambda o: self._contacted.index(o.destination)
+        )
         public: list[Endpoint] = []
-        for observation in self._observations:
+        for observation in observations:
             endpoint = Endpoint(*observation.mapped)
             if endpoint not in public:
                 public.append(endpoint)
         self.report = NatReport(
             nat=NatInfo(
-                mapping=classify_mapping(self._observations, self.local_addresses),
+                mapping=classify_mapping(observations, self.local_addresses),
                 filtering=self._filtering,
                 hairpinning=bool(self._hairpinning),
             ),
             public_endpoints=tuple(public),
-            observations=tuple(self._observations),
-            unanswered=tuple(self._unanswered),
+            observations=tuple(observations),
+            unanswered=tuple(s for s in self.servers if s in self._unanswered),
             filtering_server=self._filtering_server,
             hairpinning_tested=self._hairpinning is not None,
         )

@@ -240,6 +240,8 @@ def encode(message: StunMessage) -> bytes:
             (ATTR_ERROR_CODE, struct.pack("!HBB", 0, code // 100, code % 100) + reason)
         )
     if message.unknown_attributes:
+        if not all(0 <= t <= 0xFFFF for t in message.unknown_attributes):
+            raise LocalProtocolError("attribute types are 16-bit")
         attributes.append(
             (
                 ATTR_UNKNOWN_ATTRIBUTES,
