@@ -246,3 +246,14 @@ def test_caller_misuse_raises_local_protocol_error() -> None:
         ipaddress.ip_network(f"{B_IP}/32"),
         ipaddress.ip_network("fd00::2/128"),
     ]
+
+
+def test_nonsense_configuration_is_refused() -> None:
+    for bad in (
+        {"mtu": 10},
+        {"staged_packets": 0},
+        {"under_load_handshakes_per_second": -1},
+        {"handshakes_per_source_per_second": 0.0},
+    ):
+        with pytest.raises(LocalProtocolError):
+            DeviceConfig(**bad)  # type: ignore[arg-type]

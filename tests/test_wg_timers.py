@@ -10,10 +10,13 @@ from meshguard.sansio.wireguard import HandshakeCompleted, PeerUnreachable, Sess
 from meshguard.sansio.wireguard.constants import (
     KEEPALIVE_SIZE,
     KEEPALIVE_TIMEOUT,
+    LAST_MINUTE_HANDSHAKE_AGE,
     MAX_TIMER_HANDSHAKES,
     MESSAGE_INITIATION,
     MESSAGE_TRANSPORT,
+    REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
     REKEY_AFTER_TIME,
     REKEY_ATTEMPT_TIME,
     REKEY_TIMEOUT,
@@ -202,3 +205,31 @@ def test_transport_keepalive_is_the_bare_header_and_tag() -> None:
     pair = established()
     transport = [(t, size) for t, s, kind, size in pair.sent if kind == MESSAGE_TRANSPORT]
     assert transport == [(0.0, KEEPALIVE_SIZE)]
+
+
+def test_initiator_receiving_on_an_old_session_rekeys_before_it_dies() -> None:
+    pair = established()
+    pair.a_to_b_up = False
+    for t in (LAST_MINUTE_HANDSHAKE_AGE - 1, LAST_MINUTE_HANDSHAKE_AGE + 1):
+        pair.b.send_packets([ipv4_packet(B_IP, A_IP, b"y")], t)
+        pair.deliver(t)
+    assert pair.sends("a", MESSAGE_INITIATION)[-1] == LAST_MINUTE_HANDSHAKE_AGE + 1
+    pair.b.send_packets([ipv4_packet(B_IP, A_IP, b"y")], LAST_MINUTE_HANDSHAKE_AGE + 6)
+    pair.deliver(LAST_MINUTE_HANDSHAKE_AGE + 6)
+    last_minute = [
+        t for t in pair.sends("a", MESSAGE_INITIATION) if t >= LAST_MINUTE_HANDSHAKE_AGE
+    ]
+    assert last_minute == [LAST_MINUTE_HANDSHAKE_AGE + 1], "only once per session"
+
+
+def test_rekey_after_messages_and_refusal_at_reject_after_messages() -> None:
+    pair = established()
+    session = pair.a._peers[pair.b.public_key].current  # white box: jump the counter
+    assert session is not None
+    session.send_counter = REKEY_AFTER_MESSAGES + 1
+    pair.a.send_packets([ipv4_packet(A_IP, B_IP, b"x")], 6.0)
+    kinds = [d[0] for d, _ in pair.a.datagrams_to_send()]
+    assert kinds == [MESSAGE_TRANSPORT, MESSAGE_INITIATION]
+    session.send_counter = REJECT_AFTER_MESSAGES
+    pair.a.send_packets([ipv4_packet(A_IP, B_IP, b"x")], 7.0)
+    assert pair.a.datagrams_to_send() == [], "queued: the session may not send any more"

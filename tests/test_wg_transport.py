@@ -75,7 +75,7 @@ def test_longest_prefix_wins_and_set_allowed_ips_moves_prefixes() -> None:
     def route(destination: str) -> int | None:
         hub.send_packets([ipv4_packet("10.9.9.9", destination, b"x")], 0.0)
         ports = [addr[1] for _, addr in hub.datagrams_to_send()]
-        hub._routes.cache.clear()
+        hub._routes.cache.clear()  # white box: take the uncached path too
         return ports[0] - 1000 if ports else None
 
     assert route("10.1.7.7") == 0
@@ -256,4 +256,7 @@ def test_simultaneous_initiations_settle_on_one_working_session() -> None:
     assert sorted(pair.sends("a", MESSAGE_INITIATION) + pair.sends("b", MESSAGE_INITIATION)) == [
         0.0,
         0.0,
-    ]
+    ], "settled without a retransmission"
+    greater, lesser = sorted((pair.a, pair.b), key=lambda d: d.public_key, reverse=True)
+    assert greater.counters == {"handshake_collision": 1}
+    assert lesser.counters == {}, "it answered and dropped its own initiation, unanswered"

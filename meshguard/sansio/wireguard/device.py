@@ -81,6 +81,16 @@ class DeviceConfig:
     rate_limited_sources: int = 4096
     route_cache_size: int = 65536
 
+    def __post_init__(self) -> None:
+        if not 68 <= self.mtu <= 65535:
+            raise LocalProtocolError("mtu must be between 68 and 65535")
+        if self.staged_packets < 1 or self.rate_limited_sources < 1 or self.route_cache_size < 1:
+            raise LocalProtocolError("queue and table sizes must be positive")
+        if self.under_load_handshakes_per_second < 0:
+            raise LocalProtocolError("the under-load threshold cannot be negative")
+        if self.handshakes_per_source_per_second <= 0 or self.handshake_burst_per_source < 1:
+            raise LocalProtocolError("the per-source handshake rate and burst must be positive")
+
 
 @dataclass(frozen=True, slots=True)
 class PeerStats:
@@ -462,6 +472,10 @@ class WireGuardDevice:
         header = _HEADER
         prefix = _NONCE_PREFIX
         batch_peer: Peer | None = None
+        batch_keypair: Keypair | None = None
+        peer: Peer | None = None
+        allowed_source = b""
+        # allowed_source: the last inner source address found in batch_peer's allowed IPs.
         batch_bytes = 0
         batch_data = False
         for data in datagrams:
@@ -488,15 +502,18 @@ class WireGuardDevice:
             if not keypair.replay.accept(counter):
                 counters["replay"] += 1
                 continue
-            peer = keypair.peer
-            if peer is not batch_peer:
-                if batch_peer is not None:
-                    self._after_receive(batch_peer, batch_bytes, batch_data, addr, now)
-                batch_peer = peer
-                batch_bytes = 0
-                batch_data = False
-            if keypair is not peer.current:
-                self._received_on_other_keypair(peer, keypair, addr, now)
+            if keypair is not batch_keypair:
+                peer = keypair.peer
+                if peer is not batch_peer:
+                    if batch_peer is not None:
+                        self._after_receive(batch_peer, batch_bytes, batch_data, addr, now)
+                    batch_peer = peer
+                    batch_bytes = 0
+                    batch_data = False
+                    allowed_source = b""
+                if keypair is not peer.current:
+                    self._received_on_other_keypair(peer, keypair, addr, now)
+                batch_keypair = keypair
             batch_bytes += size
             length = len(packet)
             if not length:
@@ -513,9 +530,11 @@ class WireGuardDevice:
             if total > length:
                 counters["malformed_packet"] += 1
                 continue
-            if cache.get(source) is not peer and routes.lookup(source) is not peer:
-                counters["not_allowed_ip"] += 1
-                continue
+            if source != allowed_source:
+                if cache.get(source) is not peer and routes.lookup(source) is not peer:
+                    counters["not_allowed_ip"] += 1
+                    continue
+                allowed_source = source
             batch_data = True
             append(packet if total == length else packet[:total])
         if batch_peer is not None:
