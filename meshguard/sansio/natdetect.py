@@ -276,9 +276,9 @@ class NatProber:
             self._finish()
 
     def _start_filtering(self, now: float) -> None:
-        public = [o.mapped for o in self._observations]
-        if public:
-            self._hairpin_id = self._query(public[0], now)
+        if self._observations:
+            first = min(self._observations, key=lambda o: self.servers.index(o.destination))
+            self._hairpin_id = self._query(first.mapped, now)
         contacted_hosts = {host for host, _ in self._contacted}
         for server in self.servers:
             other = self._other_address.get(server)
