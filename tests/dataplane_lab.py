@@ -76,7 +76,7 @@ class MeshguardNode:
     interface: str = "mg0"
     port: int = MG_PORT
     extra_args: list[str] = field(default_factory=list)
-    command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "meshguard.daemon"])
+    command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "meshguard", "run"])
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
