@@ -11,6 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meshguard import netcheck
+from meshguard.drivers.stun_socket import UsageError, parse_host_port
 from meshguard.sansio import stun
 from meshguard.sansio.errors import DecodeError, LocalProtocolError
 from meshguard.sansio.stun import (
@@ -549,3 +551,42 @@ def test_events_are_frozen_dataclasses() -> None:
     event = StunTimeout(bytes(12), SERVER)
     with pytest.raises(dataclasses.FrozenInstanceError):
         event.server = OTHER_SERVER  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------ command-line input
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("203.0.113.10:3478", ("203.0.113.10", 3478)),
+        ("[2001:db8::1]:3478", ("2001:db8::1", 3478)),
+        ("stun.example.org", ("stun.example.org", 3478)),
+        ("2001:db8::1", ("2001:db8::1", 3478)),
+    ],
+)
+def test_host_port_parsing(text: str, expected: tuple[str, int]) -> None:
+    assert parse_host_port(text, default_port=3478) == expected
+
+
+@pytest.mark.parametrize("text", ["1.2.3.4:99999", "1.2.3.4:x", "[::1", "[::1]x", ":3478"])
+def test_bad_host_port_is_a_usage_error(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_host_port(text, default_port=3478)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--stun", "127.0.0.1:99999"],
+        ["--stun", "127.0.0.1:3478", "--rto", "0"],
+        ["--stun", "127.0.0.1:3478", "--port", "70000"],
+    ],
+)
+def test_netcheck_rejects_bad_input_in_one_line(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert netcheck.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("meshguard: error: ") and captured.err.count("\n") == 1
