@@ -15,7 +15,6 @@ from meshguard import cli
 from meshguard.cli_control import (
     format_bytes,
     format_duration,
-    register,
     render_peers,
     render_ping,
     render_status,
@@ -144,7 +143,7 @@ def test_render_ping() -> None:
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    return cli.build_parser([*cli.REGISTRARS, register]).parse_args(argv)
+    return cli.build_parser().parse_args(argv)
 
 
 @pytest.fixture
