@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import struct
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from meshguard.sansio.wireguard.crypto import (
     hchacha20,
@@ -77,3 +81,41 @@ def test_tai64n_is_big_endian_seconds_plus_2_62_and_whitened_nanoseconds() -> No
     assert nanos & 0xFFFFFF == 0
     assert 500_000_000 - 0x1000000 < nanos <= 500_000_000
     assert tai64n(1_700_000_001.0) > tai64n(1_700_000_000.9) > tai64n(1_700_000_000.0)
+
+
+def reference_hchacha20(key: bytes, nonce16: bytes) -> bytes:
+    """HChaCha20 by its definition: 20 ChaCha rounds, no feed-forward, words 0-3 and 12-15."""
+    mask = 0xFFFFFFFF
+    s = [0x61707865, 0x3320646E, 0x79622D32, 0x6B206574]
+    s += list(struct.unpack("<8I", key)) + list(struct.unpack("<4I", nonce16))
+
+    def rotl(x: int, n: int) -> int:
+        return ((x << n) | (x >> (32 - n))) & mask
+
+    def quarter(a: int, b: int, c: int, d: int) -> None:
+        s[a] = (s[a] + s[b]) & mask
+        s[d] = rotl(s[d] ^ s[a], 16)
+        s[c] = (s[c] + s[d]) & mask
+        s[b] = rotl(s[b] ^ s[c], 12)
+        s[a] = (s[a] + s[b]) & mask
+        s[d] = rotl(s[d] ^ s[a], 8)
+        s[c] = (s[c] + s[d]) & mask
+        s[b] = rotl(s[b] ^ s[c], 7)
+
+    for _ in range(10):
+        for a, b, c, d in ((0, 4, 8, 12), (1, 5, 9, 13), (2, 6, 10, 14), (3, 7, 11, 15)):
+            quarter(a, b, c, d)
+        for a, b, c, d in ((0, 5, 10, 15), (1, 6, 11, 12), (2, 7, 8, 13), (3, 4, 9, 14)):
+            quarter(a, b, c, d)
+    return struct.pack("<8I", *s[0:4], *s[12:16])
+
+
+def test_reference_rounds_reproduce_the_draft_vector() -> None:
+    nonce = bytes.fromhex("000000090000004a0000000031415927")
+    assert reference_hchacha20(bytes(range(32)), nonce) == hchacha20(bytes(range(32)), nonce)
+    assert reference_hchacha20(bytes(range(32)), nonce).hex().startswith("82413b42")
+
+
+@given(st.binary(min_size=32, max_size=32), st.binary(min_size=16, max_size=16))
+def test_fast_hchacha20_equals_the_round_function_for_any_input(key: bytes, nonce: bytes) -> None:
+    assert hchacha20(key, nonce) == reference_hchacha20(key, nonce)

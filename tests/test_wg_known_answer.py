@@ -2,9 +2,8 @@
 
 The reference below uses only hashlib, hmac and the raw X25519/ChaCha20-Poly1305 primitives
 (nothing from meshguard), following §5.4.2-5.4.6 of the WireGuard whitepaper and keeping its
-function names (HASH, MAC, KDF, AEAD, DH, ...). The
-device runs on recorded entropy, so the reference can replay the same ephemeral keys and
-indices and must produce the very same bytes.
+function names (HASH, MAC, KDF, AEAD, DH, ...). The device runs on recorded entropy, so the
+reference can replay the same ephemeral keys and indices and must produce the very same bytes.
 """
 
 from __future__ import annotations
