@@ -507,7 +507,10 @@ class ControlClient:
         sock = self._connect()
         sock.settimeout(self.timeout if wait is None else wait)
         try:
-            sock.sendall(_encode(message))
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                # A daemon that refuses the connection says why and closes at once, maybe
+                # before the request is written: the reason is still there to read.
+                sock.sendall(_encode(message))
             while b"\n" not in self._buffer:
                 chunk = sock.recv(65536)
                 if not chunk:

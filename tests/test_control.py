@@ -9,8 +9,10 @@ import ipaddress
 import json
 import os
 import selectors
+import shutil
 import socket
 import stat
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,6 +212,49 @@ def test_peer_credentials_are_checked(tmp_path: Path, daemon: FakeDaemon) -> Non
     finally:
         loop.stop()
         server.close()
+
+
+NOBODY = 65534
+
+
+def _status_error_as_nobody(directory: Path) -> str:
+    """The client's error when run as uid/gid 65534 (effective ids only, so they can be
+    restored; glibc switches every thread, which the server thread does not mind)."""
+    os.setegid(NOBODY)
+    os.seteuid(NOBODY)
+    try:
+        with pytest.raises(ControlError) as excinfo:
+            ControlClient(directory).status()
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+    return str(excinfo.value)
+
+
+@pytest.mark.root
+def test_another_user_is_refused_by_mode_and_by_peer_credentials(daemon: FakeDaemon) -> None:
+    """The 0600 socket refuses another user's connection; with the mode opened up by mistake,
+    the SO_PEERCRED check still refuses its request."""
+    directory = Path(tempfile.mkdtemp(prefix="mgctl-"))
+    try:
+        directory.chmod(0o755)
+        path = socket_path(directory)
+        server = ControlServer(path, daemon)
+        loop = Loop(server)
+        try:
+            assert _status_error_as_nobody(directory) == (
+                f"permission denied on {path}: the control socket is root-only"
+            )
+            path.chmod(0o666)
+            assert _status_error_as_nobody(directory) == (
+                f"permission denied: uid {NOBODY} may not use the control socket"
+            )
+            assert ControlClient(directory).status()["members"] == daemon.members
+        finally:
+            loop.stop()
+            server.close()
+    finally:
+        shutil.rmtree(directory)
 
 
 def test_ping_completes_from_another_thread(
