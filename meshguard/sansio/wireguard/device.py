@@ -114,7 +114,7 @@ class WireGuardDevice:
         wallclock: WallClock,
         config: DeviceConfig = DeviceConfig(),
     ) -> None:
-        if len(private_key) != 32:
+        if not isinstance(private_key, bytes) or len(private_key) != 32:
             raise LocalProtocolError("a WireGuard private key is 32 bytes")
         self._identity = StaticIdentity(private_key)
         self._entropy = entropy
@@ -158,13 +158,15 @@ class WireGuardDevice:
         persistent_keepalive: float | None = None,
         now: float,
     ) -> None:
-        if len(public_key) != 32:
+        if not isinstance(public_key, bytes) or len(public_key) != 32:
             raise LocalProtocolError("a WireGuard public key is 32 bytes")
         if public_key in self._peers:
             raise LocalProtocolError("peer already added")
         if public_key == self._identity.public:
             raise LocalProtocolError("a device cannot be its own peer")
-        if preshared_key is not None and len(preshared_key) != 32:
+        if preshared_key is not None and (
+            not isinstance(preshared_key, bytes) or len(preshared_key) != 32
+        ):
             raise LocalProtocolError("a preshared key is 32 bytes")
         if persistent_keepalive is not None and not 0 < persistent_keepalive <= 65535:
             raise LocalProtocolError("persistent keepalive must be in (0, 65535] seconds")
@@ -181,8 +183,7 @@ class WireGuardDevice:
             self._config.staged_packets,
         )
         self._peers[public_key] = peer
-        for network in networks:
-            self._routes.insert(network, peer)
+        self._routes.assign(peer, networks)
         if persistent_keepalive and endpoint is not None:
             self._send_keepalive(peer, now)
             self._schedule(peer)
@@ -190,7 +191,7 @@ class WireGuardDevice:
     def remove_peer(self, public_key: bytes, now: float) -> None:
         peer = self._peer(public_key)
         self._erase_sessions(peer)
-        self._routes.remove_owner(peer)
+        self._routes.assign(peer, ())
         peer.removed = True
         del self._peers[public_key]
 
@@ -199,10 +200,7 @@ class WireGuardDevice:
 
     def set_allowed_ips(self, public_key: bytes, allowed_ips: Sequence[Network]) -> None:
         peer = self._peer(public_key)
-        networks = _networks(allowed_ips)
-        self._routes.remove_owner(peer)
-        for network in networks:
-            self._routes.insert(network, peer)
+        self._routes.assign(peer, _networks(allowed_ips))
 
     def allowed_ips(self, public_key: bytes) -> list[Network]:
         return self._routes.networks_of(self._peer(public_key))
@@ -784,7 +782,7 @@ def _usable(keypair: Keypair, now: float) -> bool:
 
 
 def _networks(allowed_ips: Sequence[Network]) -> list[Network]:
-    """Validate and normalise allowed IPs (host bits must be clear, as for ``wg``)."""
+    """Check that every allowed IP is an ``ipaddress`` network object."""
     networks: list[Network] = []
     for item in allowed_ips:
         if not isinstance(item, ipaddress.IPv4Network | ipaddress.IPv6Network):

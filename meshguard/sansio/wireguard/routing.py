@@ -9,6 +9,7 @@ any change to the table clears the cache.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from typing import Generic, TypeVar
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -30,13 +31,12 @@ class AllowedIPs(Generic[Owner]):
         self.cache: dict[bytes, Owner] = {}
         """Packed address → owner, for addresses already looked up."""
 
-    def insert(self, network: Network, owner: Owner) -> None:
-        self._owners[network] = owner
-        self._rebuild()
-
-    def remove_owner(self, owner: Owner) -> None:
+    def assign(self, owner: Owner, networks: Sequence[Network]) -> None:
+        """Make ``networks`` exactly the prefixes of ``owner``, taking them from other owners."""
         for network in [n for n, o in self._owners.items() if o is owner]:
             del self._owners[network]
+        for network in networks:
+            self._owners[network] = owner
         self._rebuild()
 
     def networks_of(self, owner: Owner) -> list[Network]:
