@@ -138,14 +138,15 @@ def test_replayed_and_corrupted_transport_is_dropped() -> None:
     assert pair.b.tun_packets() == []
 
 
-def test_inner_packet_shorter_than_its_ip_header_claims_is_dropped() -> None:
+def test_inner_packet_whose_ip_length_field_lies_is_dropped() -> None:
     pair = established()
-    lying = bytearray(ipv4_packet(A_IP, B_IP, b"x" * 30))
-    lying[2:4] = (200).to_bytes(2, "big")
-    pair.a.send_packets([bytes(lying)], 1.0)
+    for claimed in (200, 19):
+        lying = bytearray(ipv4_packet(A_IP, B_IP, b"x" * 30))
+        lying[2:4] = claimed.to_bytes(2, "big")
+        pair.a.send_packets([bytes(lying)], 1.0)
     pair.deliver(1.0)
     assert pair.b.tun_packets() == []
-    assert pair.b.counters["malformed_packet"] == 1
+    assert pair.b.counters["malformed_packet"] == 2
 
 
 def test_endpoint_follows_the_latest_authenticated_packet() -> None:

@@ -525,7 +525,7 @@ class WireGuardDevice:
             else:
                 counters["malformed_packet"] += 1
                 continue
-            if total > length:
+            if total > length or total < 20:
                 counters["malformed_packet"] += 1
                 continue
             if source != allowed_source:
