@@ -12,22 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 from collections.abc import Sequence
 
 from meshguard.drivers.stun_socket import (
     UsageError,
+    endpoint_text,
     local_addresses,
     open_udp_socket,
-    parse_host_port,
+    resolve_server,
     run_prober,
 )
 from meshguard.errors import UserError
 from meshguard.sansio.messages import NatFiltering, NatMapping
 from meshguard.sansio.natdetect import NatProber, NatReport
 from meshguard.sansio.stun import StunTiming
-from meshguard.sansio.types import Address
 
 DEFAULT_STUN_SERVERS = ("stun.l.google.com:19302", "stun1.l.google.com:19302")
 """Public servers on two addresses, so mapping behaviour can be compared; used only when the
@@ -72,46 +71,30 @@ def add_netcheck_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _resolve(text: str) -> Address:
-    host, port = parse_host_port(text, STUN_PORT)
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except socket.gaierror as exc:
-        raise UsageError(f"cannot resolve STUN server {host!r}: {exc.strerror}") from exc
-    infos.sort(key=lambda info: info[0] != socket.AF_INET)
-    address = infos[0][4]
-    return str(address[0]), int(address[1])
-
-
-def _endpoint_text(address: Address) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def report_as_dict(report: NatReport) -> dict[str, object]:
     """The report as JSON-ready data (enum values by name, lower case)."""
     return {
-        "public_endpoints": [_endpoint_text((e.host, e.port)) for e in report.public_endpoints],
+        "public_endpoints": [endpoint_text((e.host, e.port)) for e in report.public_endpoints],
         "mapping": report.nat.mapping.name.lower().replace("_", "-"),
         "filtering": report.nat.filtering.name.lower().replace("_", "-"),
         "filtering_server": (
-            None if report.filtering_server is None else _endpoint_text(report.filtering_server)
+            None if report.filtering_server is None else endpoint_text(report.filtering_server)
         ),
         "hairpinning": report.nat.hairpinning if report.hairpinning_tested else None,
         "observations": [
-            {"server": _endpoint_text(o.destination), "mapped": _endpoint_text(o.mapped)}
+            {"server": endpoint_text(o.destination), "mapped": endpoint_text(o.mapped)}
             for o in report.observations
         ],
-        "unanswered": [_endpoint_text(a) for a in report.unanswered],
+        "unanswered": [endpoint_text(a) for a in report.unanswered],
     }
 
 
 def format_report(report: NatReport) -> str:
     """The report for a person to read."""
-    public = ", ".join(_endpoint_text((e.host, e.port)) for e in report.public_endpoints)
+    public = ", ".join(endpoint_text((e.host, e.port)) for e in report.public_endpoints)
     filtering = _FILTERING_WORDS[report.nat.filtering]
     if report.filtering_server is not None:
-        filtering += f" (tested with {_endpoint_text(report.filtering_server)})"
+        filtering += f" (tested with {endpoint_text(report.filtering_server)})"
     else:
         filtering += " (needs an RFC 5780 STUN server)"
     if report.hairpinning_tested:
@@ -126,10 +109,10 @@ def format_report(report: NatReport) -> str:
         "servers:",
     ]
     lines += [
-        f"  {_endpoint_text(o.destination)} sees {_endpoint_text(o.mapped)}"
+        f"  {endpoint_text(o.destination)} sees {endpoint_text(o.mapped)}"
         for o in report.observations
     ]
-    lines += [f"  {_endpoint_text(a)} did not answer" for a in report.unanswered]
+    lines += [f"  {endpoint_text(a)} did not answer" for a in report.unanswered]
     return "\n".join(lines)
 
 
@@ -143,7 +126,7 @@ def netcheck_command(args: argparse.Namespace) -> int:
     if args.rto <= 0:
         raise UserError("--rto must be positive")
     try:
-        servers = list(dict.fromkeys(_resolve(text) for text in texts))
+        servers = list(dict.fromkeys(resolve_server(text, STUN_PORT) for text in texts))
         dual_stack = any(":" in host for host, _ in servers)
         sock = open_udp_socket("0.0.0.0", args.port, dual_stack=dual_stack)
     except UsageError as exc:

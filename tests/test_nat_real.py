@@ -5,6 +5,7 @@ The lab (network namespaces, all addresses inside it)::
     lan1 192.168.1.2 ─ nat1 198.51.100.1 (masquerade) ──────────┐
     lan2 192.168.2.2 ─ nat2 198.51.101.1 (masquerade fully-random) ┤
     lan3 192.168.3.2 ─ nat3 198.51.102.1 (masquerade + NAT loopback)┤─ wan
+    lan5 192.168.5.2 ─ nat5 198.51.104.1 → .2 (masquerade, renumbered) ┤
     pub  198.51.103.1, 2001:db8:103::1 (no NAT) ──────────────────┘
 
     wan: coturn on 203.0.113.10 and .11 (ports 3478, 3479), meshguard responders on
@@ -18,6 +19,7 @@ mode on two addresses, which turns on its RFC 5780 behaviour discovery.
 from __future__ import annotations
 
 import json
+import select
 import subprocess
 import sys
 import time
@@ -150,6 +152,9 @@ def clients(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Name
             "    ip saddr 192.168.3.0/24 ip daddr 192.168.3.0/24 masquerade\n"
             "  }\n",
         )
+        # A NAT whose ISP renumbers it mid-test (see the monitor test).
+        nat5, lan5 = _nat_box(lab, wan, 5, "masquerade")
+        nat5.sysctl("net.ipv4.conf.all.promote_secondaries", "1")
         pub = lab.namespace("pub")
         lab.link(pub, wan, "198.51.103.1/24", "198.51.103.254/24")
         lab.link(pub, wan, "2001:db8:103::1/64", "2001:db8:103::fe/64")
@@ -160,7 +165,7 @@ def clients(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Name
             _start_responder(wan, f"{ip}:3478")
         for ip in RESPONDERS_V6:
             _start_responder(wan, f"[{ip}]:3478")
-        yield {"lan1": lan1, "lan2": lan2, "lan3": lan3, "pub": pub}
+        yield {"lan1": lan1, "lan2": lan2, "lan3": lan3, "pub": pub, "lan5": lan5, "nat5": nat5}
 
 
 def netcheck(ns: Namespace, port: int, *servers: str) -> dict[str, object]:
@@ -289,3 +294,56 @@ def test_what_coturn_answers(clients: dict[str, Namespace], change: bool) -> Non
     assert reply["other"] == [COTURN[1], 3479]
     expected_source = [COTURN[1], 3479] if change else [COTURN[0], 3478]
     assert reply["source"] == reply["origin"] == expected_source
+
+
+def read_lines_until(proc: subprocess.Popen[bytes], wanted: str, timeout: float) -> list[str]:
+    """Lines ``proc`` prints until one starts with ``wanted``; fails after ``timeout``."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    lines: list[str] = []
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([proc.stdout], [], [], left)[0]:
+            break
+        line = proc.stdout.readline().decode().strip()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith(wanted):
+            return lines
+    raise AssertionError(f"no line starting with {wanted!r} within {timeout} s: {lines}")
+
+
+def test_monitor_notices_when_the_nat_is_renumbered(clients: dict[str, Namespace]) -> None:
+    """A refreshing StunClient reports PublicAddressChanged when the NAT's address changes."""
+    lan, nat = clients["lan5"], clients["nat5"]
+    port, server = 40010, responders()[0]
+    proc = lan.popen(
+        python_argv(
+            "-m",
+            "meshguard.drivers.stun_socket",
+            "monitor",
+            "--stun",
+            server,
+            "--port",
+            str(port),
+            "--refresh",
+            "0.5",
+            "--rto",
+            "0.1",
+        ),
+        stdout=subprocess.PIPE,
+    )
+    read_lines_until(proc, "listening on", timeout=10)
+    first = read_lines_until(proc, "mapped", timeout=5)[-1]
+    assert first == f"mapped {server} 198.51.104.1:{port}"
+    wan_if = (
+        nat.run(["ip", "-o", "route", "get", RESPONDERS[0]]).stdout.split(" dev ")[1].split()[0]
+    )
+    # The ISP hands out a new address: masquerade drops its conntrack entries for the old one.
+    nat.run(["ip", "addr", "add", "198.51.104.2/24", "dev", wan_if])
+    nat.run(["ip", "addr", "del", "198.51.104.1/24", "dev", wan_if])
+    nat.run(["ip", "route", "replace", "default", "via", "198.51.104.254"])
+    started = time.monotonic()
+    lines = read_lines_until(proc, "changed", timeout=10)
+    print(f"change noticed after {time.monotonic() - started:.2f} s: {lines}")
+    assert lines[-1] == f"changed {server} 198.51.104.1:{port} -> 198.51.104.2:{port}"
