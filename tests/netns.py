@@ -166,3 +166,23 @@ def wait_until(
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def add_bridge(ns: Namespace, name: str) -> str:
+    """Create a Linux bridge in ``ns`` (a switch for a simulated LAN), up, multicast flooded.
+
+    Multicast snooping is off so mDNS reaches every port without an IGMP querier.
+    """
+    ns.run(["ip", "link", "add", name, "type", "bridge", "mcast_snooping", "0"])
+    ns.run(["ip", "link", "set", name, "up"])
+    return name
+
+
+def plug_into_bridge(
+    lab: Lab, host: Namespace, switch: Namespace, bridge: str, address: str | None
+) -> str:
+    """Connect ``host`` to ``bridge`` (in ``switch``) by a veth pair, ``address`` on the host
+    side; returns the host's interface name."""
+    host_if, switch_if = lab.link(host, switch, address, None)
+    switch.run(["ip", "link", "set", switch_if, "master", bridge])
+    return host_if
