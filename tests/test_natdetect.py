@@ -360,10 +360,15 @@ def obs(destination: Address, mapped_port: int, mapped_ip: str = NAT_IP) -> Mapp
             NatMapping.ADDRESS_AND_PORT_DEPENDENT,
         ),
         ([obs(PLAIN_A, 1), obs(PLAIN_B, 1, "198.51.100.2")], NatMapping.ADDRESS_AND_PORT_DEPENDENT),
+        (
+            [obs(PLAIN_A, 1), obs(("2001:db8::20", 3478), 1, "2001:db8::2"), obs(PLAIN_B, 1)],
+            NatMapping.ENDPOINT_INDEPENDENT,
+        ),
+        ([obs(("2001:db8::20", 3478), 5000, "2001:db8::2")], NatMapping.NONE),
     ],
 )
 def test_classify_mapping(observations: list[MappingObservation], expected: NatMapping) -> None:
-    assert classify_mapping(observations, [CLIENT]) is expected
+    assert classify_mapping(observations, [CLIENT, ("2001:db8::2", 5000)]) is expected
 
 
 # ------------------------------------------------------------------ misuse and bad bytes

@@ -80,7 +80,13 @@ class NatDetected:
 def classify_mapping(
     observations: Sequence[MappingObservation], local_addresses: Sequence[Address]
 ) -> NatMapping:
-    """Mapping behaviour from what different destinations saw (see the module docstring)."""
+    """Mapping behaviour from what different destinations saw (see the module docstring).
+
+    With servers of both families the IPv4 observations decide: NAT is an IPv4 matter, and an
+    IPv6 address seen by one server cannot be compared with an IPv4 one seen by another.
+    """
+    ipv4 = [o for o in observations if ":" not in o.mapped[0]]
+    observations = ipv4 or observations
     if not observations:
         return NatMapping.UNKNOWN
     if all(o.mapped in local_addresses for o in observations):
