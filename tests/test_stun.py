@@ -8,8 +8,9 @@ import ipaddress
 import itertools
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from meshguard import netcheck
 from meshguard.drivers.stun_socket import UsageError, parse_host_port
@@ -590,3 +591,88 @@ def test_netcheck_rejects_bad_input_in_one_line(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("meshguard: error: ") and captured.err.count("\n") == 1
+
+
+# ------------------------------------------------------------------ stateful
+
+
+class StunClientMachine(RuleBasedStateMachine):
+    """Queries, answers delivered late, twice, out of order or never, and time passing.
+
+    Invariants: every query ends in exactly one result event, before its give-up time (plus
+    the lateness of the last timer call); the client never asks for a deadline in the past.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timing = StunTiming(rto=0.1, transmissions=3, last_wait_factor=4)
+        self.client = StunClient(counting_entropy(), self.timing)
+        self.responder = StunResponder()
+        self.now = 0.0
+        self.started: dict[bytes, float] = {}
+        self.finished: dict[bytes, float] = {}
+        self.in_flight: list[bytes] = []
+
+    def _collect(self) -> None:
+        self.in_flight += [data for data, _ in self.client.datagrams_to_send()]
+        for event in self.client.events():
+            assert isinstance(event, MappedAddress | StunTimeout | StunErrorResponse)
+            assert event.transaction_id not in self.finished, "two results for one query"
+            self.finished[event.transaction_id] = self.now
+
+    @rule(change=st.booleans())
+    def query(self, change: bool) -> None:
+        transaction_id = self.client.query(SERVER, self.now, change_ip=change)
+        self.started[transaction_id] = self.now
+        self._collect()
+
+    @rule(data=st.data(), twice=st.booleans())
+    def deliver_answer(self, data: st.DataObject, twice: bool) -> None:
+        if not self.in_flight:
+            return
+        request = self.in_flight.pop(data.draw(st.integers(0, len(self.in_flight) - 1)))
+        answer = self.responder.answer(request, ("192.0.2.1", 4242)) or b""
+        for _ in range(2 if twice else 1):
+            self.client.receive_datagram(answer, SERVER, self.now)
+        self._collect()
+
+    @rule(data=st.data())
+    def lose_datagram(self, data: st.DataObject) -> None:
+        if self.in_flight:
+            self.in_flight.pop(data.draw(st.integers(0, len(self.in_flight) - 1)))
+
+    @rule(garbage=st.binary(max_size=60))
+    def receive_garbage(self, garbage: bytes) -> None:
+        self.client.receive_datagram(garbage, SERVER, self.now)
+        self._collect()
+
+    @rule(lateness=st.floats(0, 0.05))
+    def advance_to_deadline(self, lateness: float) -> None:
+        deadline = self.client.next_deadline()
+        if deadline is not None:
+            self.now = max(self.now, deadline + lateness)
+            self.client.on_timer(self.now)
+            self._collect()
+
+    @invariant()
+    def deadline_is_not_in_the_past(self) -> None:
+        deadline = self.client.next_deadline()
+        assert deadline is None or deadline > self.now
+
+    @invariant()
+    def every_query_ends_in_time(self) -> None:
+        limit = self.timing.give_up_after() + 0.05 * (self.timing.transmissions + 1)
+        for transaction_id, started in self.started.items():
+            ended = self.finished.get(transaction_id, self.now)
+            assert ended - started <= limit + 1e-9
+
+    def teardown(self) -> None:
+        while (deadline := self.client.next_deadline()) is not None:
+            self.now = max(self.now, deadline)
+            self.client.on_timer(self.now)
+            self._collect()
+        assert set(self.finished) == set(self.started)
+
+
+StunClientMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40)
+TestStunClientMachine = StunClientMachine.TestCase
