@@ -140,7 +140,14 @@ class WireGuardDevice:
         self._tun: list[bytes] = []
         self._events: list[WireGuardEvent] = []
         self.counters: Counter[str] = Counter()
-        """Why datagrams and packets were dropped (and a few other tallies)."""
+        """Why datagrams and packets were dropped. From the network: ``malformed`` (bad
+        type or length), ``mac1``, ``under_load`` (no valid mac2; a cookie reply was sent),
+        ``rate_limited``, ``handshake_invalid``, ``handshake_replay`` (timestamp not newer),
+        ``handshake_flood`` (initiations under 1/50 s apart), ``handshake_collision`` (ours
+        and theirs crossed; ours wins), ``cookie_invalid``, ``unknown_index``,
+        ``expired_session``, ``decrypt``, ``replay``, ``malformed_packet`` (inner packet),
+        ``not_allowed_ip``. From the TUN: ``malformed_packet``, ``no_route``, ``queue_full``
+        (oldest queued packet dropped), ``no_endpoint`` (nowhere to send a handshake)."""
 
     # ------------------------------------------------------------------ configuration
 
