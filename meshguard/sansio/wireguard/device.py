@@ -307,6 +307,7 @@ class WireGuardDevice:
         at = peer.zero_keys_at
         if at is not None and at <= now:
             peer.zero_keys_at = None
+            peer.staged.clear()
             if self._erase_sessions(peer):
                 self._events.append(SessionExpired(peer.public_key))
         at = peer.persistent_at
