@@ -229,7 +229,7 @@ class ControlServer:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}"
+            temporary = path.parent / f".mg{secrets.token_hex(4)}"  # no longer than ``path``
             self._listener.bind(os.fsencode(temporary))
             try:
                 os.chmod(temporary, 0o600)

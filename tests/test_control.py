@@ -400,7 +400,12 @@ def test_resolve_peer(members: list[MemberStatus]) -> None:
         resolve_peer(db1["public_key"][:10], [db1, twin])
 
 
-def test_socket_path_length_is_checked(tmp_path: Path) -> None:
+def test_socket_path_length_is_checked(tmp_path: Path, daemon: FakeDaemon) -> None:
     assert socket_path(tmp_path) == tmp_path / "meshguard.sock"
     with pytest.raises(ControlError, match="longer than 107 bytes"):
         socket_path(tmp_path / ("d" * 120))
+    longest = tmp_path / ("d" * (107 - len(os.fsencode(tmp_path / "meshguard.sock")) - 1))
+    longest.mkdir()
+    server = ControlServer(socket_path(longest), daemon)
+    assert len(os.fsencode(server.path)) == 107
+    server.close()
