@@ -23,7 +23,7 @@ KNOWN_STATES = ("ALIVE", "SUSPECT")
 """Member states in which an observer counts a member as part of its view."""
 
 _ADD_EVENTS = frozenset(("MemberJoined", "MemberAlive", "MemberSuspected"))
-_REMOVE_EVENTS = frozenset(("MemberDead", "MemberLeft", "MemberReaped"))
+_REMOVE_EVENTS = frozenset(("MemberDead", "MemberLeft", "MemberReaped", "MemberUntrusted"))
 
 
 class MemberViewLike(Protocol):

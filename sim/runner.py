@@ -121,6 +121,7 @@ class Simulation:
         initial = initial_node_names(scenario.nodes)
         self.seed_names = initial[:scenario.nodes.seeds]
         self.seed_addresses = [self.hosts[name].address for name in self.seed_names]
+        self.seed_keys = [self.hosts[name].identity.public_key for name in self.seed_names]
         self.event_rng = stream(self.seed, "events")
         self._last_counters = dict(self.network.counters)
         self.tracker.awaiting_initial = set(initial)
@@ -182,9 +183,11 @@ class Simulation:
         self.network.bind(host.address, partial(self._receive, host))
         self.trace.event(now, f"start {label}")
         self.tracker.node_up(host.name, now)
-        seeds = [address for address in self.seed_addresses if address != host.address]
-        if seeds:
-            core.join(seeds, now)
+        others = [index for index, address in enumerate(self.seed_addresses)
+                  if address != host.address]
+        if others:
+            core.join([self.seed_addresses[index] for index in others], now,
+                      seed_keys=[self.seed_keys[index] for index in others])
         self._after(host)
 
     def _receive(self, host: Host, data: bytes, source: Address) -> None:

@@ -59,7 +59,8 @@ class HeartbeatCore:
         return b"|".join(key.hex().encode() + b"@" + f"{a[0]}:{a[1]}".encode()
                          for key, a in entries)
 
-    def join(self, seeds: Sequence[Address], now: float) -> None:
+    def join(self, seeds: Sequence[Address], now: float, *,
+             seed_keys: Sequence[bytes] = ()) -> None:
         message = self._encode()
         self.outbox.extend((message, seed) for seed in seeds)
 
