@@ -252,6 +252,7 @@ def test_coalescing_segments_restores_the_stream(
     packet = tcp_packet(
         payload, version=version, seq=seq, flags=ACK | (PSH if psh else 0), options=options
     )
+    gso_size = min(gso_size, MTU - l4_offset(packet) - 20 - len(options))
     segments = offload.segment(tso_read(packet, gso_size), MTU)
     writes = offload.coalesce(segments)
     if len(segments) == 1:
@@ -262,7 +263,7 @@ def test_coalescing_segments_restores_the_stream(
     assert all(len(w) - offload.VNET_HDR_LEN <= 65535 for w in writes)
     headers = l4_offset(packet) + 20 + len(options)
     per_write = (65535 - headers) // gso_size
-    assert len(writes) <= -(-len(segments) // per_write) + 1
+    assert len(writes) <= -(-len(segments) // per_write) + 1 + psh
 
 
 def test_a_short_run_of_full_segments_becomes_one_tso_write() -> None:

@@ -232,8 +232,7 @@ def _run_start(packet: bytes) -> tuple[int, int] | None:
     """(L4 offset, payload offset) if ``packet`` is a TCP segment that may start a run.
 
     It must be IPv4 without options and unfragmented, or IPv6 with TCP as next header;
-    carry a payload; have only ACK (and maybe PSH) set; and be exactly as long as its IP
-    header says.
+    carry a payload; have only ACK set; and be exactly as long as its IP header says.
     """
     size = len(packet)
     if size < 41:
@@ -256,25 +255,20 @@ def _run_start(packet: bytes) -> tuple[int, int] | None:
     else:
         return None
     payload_start = l4 + (packet[l4 + 12] >> 4) * 4
-    if payload_start < l4 + 20 or payload_start >= size or packet[l4 + 13] & ~_TCP_PSH != _TCP_ACK:
+    if payload_start < l4 + 20 or payload_start >= size or packet[l4 + 13] != _TCP_ACK:
         return None
     return l4, payload_start
 
 
-def _super_packet(
-    first: bytes, l4: int, payload_start: int, payloads: list[bytes], flags: int = _TCP_ACK
-) -> bytes:
-    """One TUN write (virtio-net header + TSO packet) carrying the segments' payloads;
-    ``flags`` are the last segment's (it may carry PSH)."""
+def _super_packet(first: bytes, l4: int, payload_start: int, payloads: list[bytes]) -> bytes:
+    """One TUN write (virtio-net header + TSO packet) carrying the segments' payloads."""
     gso_size = len(payloads[0])
     payload = b"".join(payloads)
     l4_len = payload_start - l4 + len(payload)
     # With F_NEEDS_CSUM the checksum field holds the pseudo-header sum, not yet complemented.
     partial = (_pseudo_sum(first) + l4_len) % 0xFFFF or 0xFFFF
     tcp_header = (
-        first[l4 : l4 + 13]
-        + bytes((flags,))
-        + first[l4 + 14 : l4 + 16]
+        first[l4 : l4 + 16]
         + partial.to_bytes(2, "big")
         + first[l4 + 18 : payload_start]
     )
@@ -303,8 +297,9 @@ def coalesce(packets: Sequence[bytes]) -> list[bytes]:
     shorter last one, become one TSO super-packet (the receive-side twin of :func:`segment`,
     like the kernel's GRO), so the kernel's stack sees one packet per run and we make one
     write. A segment joins a run only if every header field the kernel's GRO compares is
-    equal (addresses, ports, ACK, window, options, TOS/traffic class, TTL/hop limit). PSH
-    ends a run. Anything else is written alone, marked checksum-valid.
+    equal (addresses, ports, ACK, flags, window, options, TOS/traffic class, TTL/hop limit);
+    runs are of ACK-only segments, so a segment with PSH (or any other flag) is written alone,
+    marked checksum-valid, like anything that is not TCP.
     """
     writes: list[bytes] = []
     append = writes.append
@@ -312,7 +307,7 @@ def coalesce(packets: Sequence[bytes]) -> list[bytes]:
     first = b""
     l4 = payload_start = next_seq = gso_size = length = 0
     ip_a = ip_b = ip_c = ip_d = flow_start = flow_end = 0
-    ip_head = ip_tail = flow = ack = window = options = b""
+    ip_head = ip_tail = flow = ack_flags_window = options = b""
     for packet in packets:
         if payloads:
             size = len(packet) - payload_start
@@ -320,20 +315,18 @@ def coalesce(packets: Sequence[bytes]) -> list[bytes]:
                 0 < size <= gso_size
                 and length + size <= _MAX_IP_PACKET
                 and packet[flow_start:flow_end] == flow
-                and packet[l4 + 8 : l4 + 13] == ack
-                and packet[l4 + 14 : l4 + 16] == window
+                and packet[l4 + 8 : l4 + 16] == ack_flags_window
                 and packet[l4 + 18 : payload_start] == options
                 and packet[ip_a:ip_b] == ip_head
                 and packet[ip_c:ip_d] == ip_tail
-                and packet[l4 + 13] | _TCP_PSH == _TCP_ACK | _TCP_PSH
                 and int.from_bytes(packet[l4 + 4 : l4 + 8], "big") == next_seq
             ):
                 payloads.append(packet[payload_start:])
                 length += size
                 next_seq = (next_seq + size) & 0xFFFFFFFF
-                if size == gso_size and not packet[l4 + 13] & _TCP_PSH:
+                if size == gso_size:
                     continue
-                append(_super_packet(first, l4, payload_start, payloads, packet[l4 + 13]))
+                append(_super_packet(first, l4, payload_start, payloads))
                 payloads = []
                 continue
             if len(payloads) == 1:
@@ -342,7 +335,7 @@ def coalesce(packets: Sequence[bytes]) -> list[bytes]:
                 append(_super_packet(first, l4, payload_start, payloads))
             payloads = []
         start = _run_start(packet)
-        if start is None or packet[start[0] + 13] & _TCP_PSH:
+        if start is None:
             append(DATA_VALID_HEADER + packet)
             continue
         l4, payload_start = start
@@ -357,8 +350,7 @@ def coalesce(packets: Sequence[bytes]) -> list[bytes]:
         flow = packet[flow_start:flow_end]
         ip_head = packet[ip_a:ip_b]
         ip_tail = packet[ip_c:ip_d]
-        ack = packet[l4 + 8 : l4 + 13]
-        window = packet[l4 + 14 : l4 + 16]
+        ack_flags_window = packet[l4 + 8 : l4 + 16]
         options = packet[l4 + 18 : payload_start]
         payloads = [packet[payload_start:]]
     if len(payloads) == 1:
