@@ -140,8 +140,10 @@ def _chunk_sums(payload: memoryview, size: int) -> list[int]:
     return sums
 
 
-_TCP_HEADER = struct.Struct("!4sI4sH2sH")
-_IPV4_HEADER = struct.Struct("!2sHH4sH8s")
+_IPV4_TCP_HEADER = struct.Struct("!2sHH4sH8s4sI4sH2sH")
+"""IPv4 header without options, then TCP header up to the urgent pointer."""
+_IPV6_TCP_HEADER = struct.Struct("!4sH34s4sI4sH2sH")
+"""IPv6 header, then TCP header up to the urgent pointer."""
 
 
 def _segment_tcp(packet: bytes, ipv4: bool, gso_size: int, l4: int, mtu: int) -> list[bytes]:
@@ -175,11 +177,17 @@ def _segment_tcp(packet: bytes, ipv4: bool, gso_size: int, l4: int, mtu: int) ->
     payload = memoryview(packet)[payload_start:]
     sums = _chunk_sums(payload, gso_size)
     count = len(sums)
-    last = count - 1
-    first_flags = tcp_flags & ~(_TCP_FIN | _TCP_PSH)
-    middle_flags = first_flags & ~_TCP_CWR
-    last_flags = tcp_flags & ~_TCP_CWR
-    pack_tcp = _TCP_HEADER.pack
+    # FIN and PSH belong to the last segment only, CWR to the first only.
+    flags = [tcp_flags & ~(_TCP_FIN | _TCP_PSH | _TCP_CWR)] * count
+    if count > 1:
+        flags[0] = tcp_flags & ~(_TCP_FIN | _TCP_PSH)
+        flags[-1] = tcp_flags & ~_TCP_CWR
+    else:
+        flags[0] = tcp_flags
+    lengths = [tcp_len + gso_size] * count
+    lengths[-1] = tcp_len + len(payload) - (count - 1) * gso_size
+    segments = []
+    offset = 0
     if ipv4:
         ip_id0 = int.from_bytes(packet[4:6], "big")
         ip_version_tos = packet[0:2]
@@ -191,40 +199,54 @@ def _segment_tcp(packet: bytes, ipv4: bool, gso_size: int, l4: int, mtu: int) ->
             + ones_sum(ip_frag_ttl_proto)
             + ones_sum(ip_addresses)
         )
-        pack_ip = _IPV4_HEADER.pack
-    else:
-        ip_front = packet[0:4]
-        ip_back = packet[6:40]
-    segments = []
-    offset = 0
-    l4_len = tcp_len + gso_size
-    for index, chunk_sum in enumerate(sums):
-        if index == last:
-            flags = last_flags if index else tcp_flags
-            l4_len = tcp_len + len(payload) - offset
-        else:
-            flags = middle_flags if index else first_flags
-        seq = (seq0 + offset) & 0xFFFFFFFF
-        flag_word = offset_word | flags
-        csum = 0xFFFF - (
-            tcp_fixed + (seq >> 16) + (seq & 0xFFFF) + flag_word + l4_len + chunk_sum
-        ) % 0xFFFF
-        tcp_header = pack_tcp(ports, seq, ack, flag_word, window, csum) + urgent_options
-        if ipv4:
-            length = l4 + l4_len
+        pack_v4 = _IPV4_TCP_HEADER.pack
+        for index, chunk_sum in enumerate(sums):
+            seq = (seq0 + offset) & 0xFFFFFFFF
+            flag_word = offset_word | flags[index]
+            l4_len = lengths[index]
+            length = 20 + l4_len
             ip_id = (ip_id0 + index) & 0xFFFF
-            ip = pack_ip(
+            header = pack_v4(
                 ip_version_tos,
                 length,
                 ip_id,
                 ip_frag_ttl_proto,
                 0xFFFF - (ip_fixed + length + ip_id) % 0xFFFF,
                 ip_addresses,
+                ports,
+                seq,
+                ack,
+                flag_word,
+                window,
+                0xFFFF
+                - (tcp_fixed + (seq >> 16) + (seq & 0xFFFF) + flag_word + l4_len + chunk_sum)
+                % 0xFFFF,
             )
-        else:
-            ip = ip_front + l4_len.to_bytes(2, "big") + ip_back
-        segments.append(b"".join((ip, tcp_header, payload[offset : offset + gso_size])))
-        offset += gso_size
+            segments.append(b"".join((header, urgent_options, payload[offset : offset + gso_size])))
+            offset += gso_size
+    else:
+        ip_front = packet[0:4]
+        ip_back = packet[6:40]
+        pack_v6 = _IPV6_TCP_HEADER.pack
+        for index, chunk_sum in enumerate(sums):
+            seq = (seq0 + offset) & 0xFFFFFFFF
+            flag_word = offset_word | flags[index]
+            l4_len = lengths[index]
+            header = pack_v6(
+                ip_front,
+                l4_len,
+                ip_back,
+                ports,
+                seq,
+                ack,
+                flag_word,
+                window,
+                0xFFFF
+                - (tcp_fixed + (seq >> 16) + (seq & 0xFFFF) + flag_word + l4_len + chunk_sum)
+                % 0xFFFF,
+            )
+            segments.append(b"".join((header, urgent_options, payload[offset : offset + gso_size])))
+            offset += gso_size
     return segments
 
 
