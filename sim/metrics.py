@@ -155,8 +155,8 @@ class MembershipTracker:
         self.crashes: list[CrashRecord] = []
         self._open_crashes: dict[str, CrashRecord] = {}
         self.violations: list[Violation] = []
-        self.false_positive_suspicions = 0
-        self.false_positive_deaths = 0
+        self.false_suspicions: dict[tuple[bytes, int], int] = {}
+        self.false_deaths: dict[tuple[bytes, int], int] = {}
         self.accusations_of_restarted = 0
         self.event_counts: dict[str, int] = {}
         self.converged = False
@@ -258,10 +258,11 @@ class MembershipTracker:
             if kind in ("MemberSuspected", "MemberDead") and subject_live:
                 if subject in self.ever_crashed:
                     self.accusations_of_restarted += 1
-                elif kind == "MemberSuspected":
-                    self.false_positive_suspicions += 1
                 else:
-                    self.false_positive_deaths += 1
+                    episodes = (self.false_suspicions if kind == "MemberSuspected"
+                                else self.false_deaths)
+                    episode = (key, getattr(event, "incarnation", 0))
+                    episodes[episode] = episodes.get(episode, 0) + 1
             record = self._open_crashes.get(subject)
             if record is not None:
                 if kind == "MemberSuspected" and record.first_suspicion is None:
@@ -340,6 +341,16 @@ class MembershipTracker:
             "deaths": self._interval_events["MemberDead"],
         })
         self._interval_events = dict.fromkeys(self._interval_events, 0)
+
+    @property
+    def false_positive_suspicions(self) -> int:
+        """Distinct (member, incarnation) suspicions of a live, never-crashed member."""
+        return len(self.false_suspicions)
+
+    @property
+    def false_positive_deaths(self) -> int:
+        """Distinct (member, incarnation) death declarations of a live, never-crashed member."""
+        return len(self.false_deaths)
 
     def finish(self, now: float) -> None:
         self._account_time(now)

@@ -380,6 +380,8 @@ class Simulation:
                 for key in ("first_suspicion", "first_death", "full_dissemination")},
             "false_positive_suspicions": tracker.false_positive_suspicions,
             "false_positive_deaths": tracker.false_positive_deaths,
+            "false_positive_suspicion_events": sum(tracker.false_suspicions.values()),
+            "false_positive_death_events": sum(tracker.false_deaths.values()),
             "accusations_of_restarted": tracker.accusations_of_restarted,
             "messages_per_node_per_s": round(counters["sent"] / node_seconds, 4),
             "bytes_per_node_per_s": round(counters["bytes_sent"] / node_seconds, 2),

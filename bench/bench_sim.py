@@ -1,0 +1,123 @@
+"""Simulator benchmark: speed, memory and protocol quality of a 1000-node mesh.
+
+    python bench/bench_sim.py                      # scenarios/bench-1000.yaml as shipped
+    python bench/bench_sim.py --nodes 200 --duration 60 --profile
+
+Runs 1000 nodes for 300 simulated seconds (1 s protocol period, 1% loss: a mass join, then
+1% of the nodes crash at t=200 s) and prints the wall time, the speed factor (simulated
+seconds per wall second; target ≥ 5), the peak RSS (target < 2 GiB), when the mesh first
+converged after the mass join, and the detection latency of the crashes next to the SWIM
+paper's expectation of e/(e−1) protocol periods until a crashed member is first probed.
+``--profile`` adds the top of a cProfile by internal time. A benchmark, not a test: it
+reports misses but always exits 0 once it has run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import sim  # noqa: E402
+
+SPEED_TARGET = 5.0
+RSS_TARGET_GIB = 2.0
+
+
+def scenario_data(path: Path, nodes: int | None, duration: float | None) -> dict[str, Any]:
+    """The benchmark scenario, optionally shrunk; the crash keeps its place (2/3 of the run)."""
+    data: dict[str, Any] = yaml.safe_load(path.read_text())
+    if nodes is not None:
+        data["nodes"]["count"] = nodes
+        data["name"] = f"{data['name']}-n{nodes}"
+    if duration is not None:
+        for event in data.get("events", []):
+            event["at"] = event["at"] * duration / data["duration"]
+        data["duration"] = duration
+    return data
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", type=Path, default=ROOT / "scenarios" / "bench-1000.yaml")
+    parser.add_argument("--nodes", type=int, help="override the node count")
+    parser.add_argument("--duration", type=float, help="override the simulated seconds")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--profile", action="store_true", help="print the top of a cProfile")
+    parser.add_argument("--out", type=Path, help="also write the run's results here")
+    args = parser.parse_args()
+
+    scenario = sim.load_scenario(scenario_data(args.scenario, args.nodes, args.duration))
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler is not None:
+        profiler.enable()
+    result = sim.run(scenario, seed=args.seed, out_dir=args.out, progress=True)
+    if profiler is not None:
+        profiler.disable()
+    summary = result.summary
+    rss = peak_rss_gib()
+    speed = summary["speed_factor"]
+    period = summary["protocol_period"]
+    expected = sim.EXPECTED_FIRST_DETECTION_PERIODS
+
+    def verdict(ok: bool) -> str:
+        return "ok" if ok else "MISSED"
+
+    print(f"scenario            {summary['scenario']}: {summary['nodes']} nodes, "
+          f"{summary['sim_seconds']:g} simulated s, seed {summary['seed']}")
+    print(f"wall seconds        {summary['wall_seconds']:.1f}")
+    print(f"speed factor        {speed:.2f}x real time (target >= {SPEED_TARGET:g}x: "
+          f"{verdict(speed >= SPEED_TARGET)})")
+    print(f"peak RSS            {rss:.2f} GiB (target < {RSS_TARGET_GIB:g} GiB: "
+          f"{verdict(rss < RSS_TARGET_GIB)})")
+    join_end = scenario.nodes.join_at + scenario.nodes.join_spread
+    converged = summary["converged_at"]
+    if converged is None:
+        print("converged_at        never (the mesh did not converge after the mass join)")
+    else:
+        print(f"converged_at        {converged:.2f} s ({converged - join_end:.2f} s after the "
+              f"last node started at {join_end:g} s)")
+    print(f"messages            {summary['messages_per_node_per_s']:.2f} per node per s, "
+          f"{summary['bytes_per_node_per_s']:.0f} bytes per node per s")
+    detection = summary["detection_latency_summary"]
+    for key, label in (("first_suspicion", "first suspicion"),
+                       ("first_death", "first declared dead"),
+                       ("full_dissemination", "every node knows")):
+        stats = detection[key]
+        if stats is None:
+            print(f"{label:<20}none measured")
+            continue
+        print(f"{label:<20}mean {stats['mean']:.2f} s = {stats['mean'] / period:.2f} periods, "
+              f"median {stats['median']:.2f} s, max {stats['max']:.2f} s "
+              f"({stats['count']} crashes)")
+    print(f"SWIM expectation    first probe of a crashed member after e/(e-1) = {expected:.2f} "
+          f"periods = {expected * period:.2f} s (suspicion follows after the probe timeout "
+          "and the indirect probes)")
+    print(f"false positives     {summary['false_positive_suspicions']} suspicions, "
+          f"{summary['false_positive_deaths']} deaths")
+    print(f"trace               {summary['trace_hash']}")
+    for violation in result.violations:
+        print(f"INVARIANT VIOLATED: {violation}")
+    if profiler is not None:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+        print(text.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
