@@ -261,3 +261,28 @@ def test_simultaneous_initiations_settle_on_one_working_session() -> None:
     greater, lesser = sorted((pair.a, pair.b), key=lambda d: d.public_key, reverse=True)
     assert greater.counters == {"handshake_collision": 1}
     assert lesser.counters == {}, "it answered and dropped its own initiation, unanswered"
+
+
+def test_crossed_initiations_with_a_peer_that_answered_ours_settle_in_one_round_trip() -> None:
+    """Like wireguard-go, B answers A's initiation and so gives up its own (here because its
+    own is already old); A, the lesser key, answers B's but keeps its own, so B's response
+    completes a session at once instead of after a retransmission."""
+    pair = Pair(seed=6)
+    lesser, greater = sorted((pair.a, pair.b), key=lambda d: d.public_key)
+    lesser_addr, greater_addr = (A_ADDR, B_ADDR) if lesser is pair.a else (B_ADDR, A_ADDR)
+    greater.initiate_handshake(lesser.public_key, 0.0)
+    (delayed, _), = greater.datagrams_to_send()
+    lesser.initiate_handshake(greater.public_key, 5.2)
+    (fresh, _), = lesser.datagrams_to_send()
+    greater.receive_datagram(fresh, lesser_addr, 5.2)
+    (response_to_lesser, _), = greater.datagrams_to_send()
+    lesser.receive_datagram(delayed, greater_addr, 5.2)
+    (response_to_greater, _), = lesser.datagrams_to_send()
+    lesser.receive_datagram(response_to_lesser, greater_addr, 5.3)
+    assert HandshakeCompleted(greater.public_key) in lesser.events()
+    (keepalive, _), = lesser.datagrams_to_send()
+    greater.receive_datagram(response_to_greater, lesser_addr, 5.3)
+    greater.receive_datagram(keepalive, lesser_addr, 5.3)
+    assert HandshakeCompleted(lesser.public_key) in greater.events()
+    assert greater.counters == {"unknown_index": 1}, "it had given up its own initiation"
+    assert lesser.counters == {}

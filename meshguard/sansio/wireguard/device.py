@@ -634,15 +634,8 @@ class WireGuardDevice:
             self.counters["handshake_invalid"] += 1
             return
         peer = peers[initiation.initiator_static]
-        if (
-            peer.initiation is not None
-            and now - peer.last_sent_handshake < REKEY_TIMEOUT
-            and self._identity.public > peer.public_key
-        ):
-            # Both sides initiated at once. Answering would discard our own initiation (its
-            # state is replaced, as in wireguard-go) and both handshakes would fail; the side
-            # with the greater key keeps its own, the other answers it (wireguard-go always
-            # answers, so it works with a plain WireGuard peer too).
+        crossed = peer.initiation is not None and now - peer.last_sent_handshake < REKEY_TIMEOUT
+        if crossed and self._wins_collision(peer):
             self.counters["handshake_collision"] += 1
             return
         if initiation.timestamp <= peer.last_timestamp:
@@ -659,7 +652,7 @@ class WireGuardDevice:
             self.counters["handshake_invalid"] += 1
             return
         body, keys = created
-        if peer.initiation is not None:
+        if peer.initiation is not None and not crossed:
             self._handshakes.pop(peer.initiation.local_index, None)
             peer.initiation = None
         keypair = Keypair(peer, keys, index, False, now)
@@ -681,6 +674,17 @@ class WireGuardDevice:
         self._datagrams.append((response, addr))
         peer.tx_bytes += len(response)
         self._schedule(peer)
+
+    def _wins_collision(self, peer: Peer) -> bool:
+        """Whether our initiation beats ``peer``'s when both are in flight at once.
+
+        wireguard-go always answers the other side's initiation, which discards its own, so
+        when both sides initiate both handshakes fail until a retransmission. Here the
+        greater static key keeps its initiation and ignores the other; the lesser answers
+        and also keeps its own initiation, so a wireguard-go peer (which answered ours)
+        still completes a session within one round trip.
+        """
+        return self._identity.public > peer.public_key
 
     def _receive_response(self, data: bytes, addr: Address, now: float) -> None:
         receiver = _INDEX.unpack_from(data, 8)[0]
