@@ -3,9 +3,10 @@
 Two network namespaces joined by a veth pair; a single iperf3 TCP stream for ``--seconds``
 over (1) the bare veth, (2) wireguard-go ↔ wireguard-go, (3) meshguard ↔ meshguard
 (``meshguard run`` with static peers). Prints each throughput and the ratio
-meshguard / wireguard-go, the WireGuard handshakes per second one core completes (two
-sans-IO devices driven in memory, both sides' work counted), and the resident memory of a
-meshguard data plane after its run.
+meshguard / wireguard-go, the CPU time both tunnel endpoints spent per TCP segment (a figure
+that other load on the machine disturbs less than throughput), the WireGuard handshakes per
+second one core completes (two sans-IO devices driven in memory, both sides' work counted),
+and the resident memory of a meshguard data plane after its run.
 
     sudo python3 bench/bench_dataplane.py [--seconds 10] [--runs 1]
 
@@ -37,6 +38,13 @@ B_UNDERLAY = "192.168.95.2"
 
 def iperf3(client: Namespace, server: Namespace, address: object, seconds: float) -> float:
     """Bits per second of one iperf3 TCP stream from ``client`` to ``address``."""
+    return iperf3_bytes(client, server, address, seconds)[0]
+
+
+def iperf3_bytes(
+    client: Namespace, server: Namespace, address: object, seconds: float
+) -> tuple[float, int]:
+    """(bits per second, bytes received) of one iperf3 TCP stream to ``address``."""
     listener = server.popen(
         ["iperf3", "-s", "-B", str(address)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -49,8 +57,32 @@ def iperf3(client: Namespace, server: Namespace, address: object, seconds: float
         ["iperf3", "-J", "-c", str(address), "-t", str(seconds)], timeout=seconds + 30
     ).stdout
     server.lab.stop(listener)
-    result = json.loads(out)
-    return float(result["end"]["sum_received"]["bits_per_second"])
+    received = json.loads(out)["end"]["sum_received"]
+    return float(received["bits_per_second"]), int(received["bytes"])
+
+
+def cpu_seconds(*processes: subprocess.Popen[bytes] | None) -> float:
+    """User + system CPU time used so far by these processes (all their threads)."""
+    total = 0
+    for process in processes:
+        assert process is not None
+        fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def tunnel_run(
+    a: Namespace,
+    b: Namespace,
+    address: object,
+    seconds: float,
+    *processes: subprocess.Popen[bytes] | None,
+) -> tuple[float, float]:
+    """(bits per second, CPU µs both tunnel endpoints spent per 1368-byte TCP segment)."""
+    before = cpu_seconds(*processes)
+    bits, received = iperf3_bytes(a, b, address, seconds)
+    spent = cpu_seconds(*processes) - before
+    return bits, spent / (received / 1368) * 1e6
 
 
 def bare_veth(seconds: float) -> float:
@@ -60,7 +92,7 @@ def bare_veth(seconds: float) -> float:
         return iperf3(a, b, B_UNDERLAY, seconds)
 
 
-def wireguard_go(seconds: float) -> float:
+def wireguard_go(seconds: float) -> tuple[float, float]:
     with Lab(prefix="mgb") as lab:
         a, b = lab.namespace("a"), lab.namespace("b")
         lab.link(a, b, f"{A_UNDERLAY}/24", f"{B_UNDERLAY}/24")
@@ -68,11 +100,11 @@ def wireguard_go(seconds: float) -> float:
         right = WireGuardGoNode(b, lab, B_UNDERLAY, ipv4="10.99.8.8", ipv6="fd99:6d67::8:8")
         left.start([right.as_peer()])
         right.start([left.as_peer()])
-        return iperf3(a, b, right.ipv4, seconds)
+        return tunnel_run(a, b, right.ipv4, seconds, left.process, right.process)
 
 
-def meshguard(seconds: float, directory: Path) -> tuple[float, int]:
-    """Throughput and the sending daemon's VmRSS (KiB) right after the run."""
+def meshguard(seconds: float, directory: Path) -> tuple[float, float, int]:
+    """Throughput, CPU µs per segment, and the larger daemon VmRSS (KiB) after the run."""
     with Lab(prefix="mgb") as lab:
         a, b = lab.namespace("a"), lab.namespace("b")
         lab.link(a, b, f"{A_UNDERLAY}/24", f"{B_UNDERLAY}/24")
@@ -80,8 +112,8 @@ def meshguard(seconds: float, directory: Path) -> tuple[float, int]:
         right = MeshguardNode(b, directory / f"b{lab.suffix}", B_UNDERLAY)
         left.start([right.as_peer()])
         right.start([left.as_peer()])
-        bits = iperf3(a, b, right.ipv4, seconds)
-        return bits, max(left.rss_kib(), right.rss_kib())
+        bits, cpu = tunnel_run(a, b, right.ipv4, seconds, left.process, right.process)
+        return bits, cpu, max(left.rss_kib(), right.rss_kib())
 
 
 def handshakes_per_second(duration: float = 3.0) -> float:
@@ -134,8 +166,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mgbench") as tmp:
         for run in range(1, args.runs + 1):
             veth = bare_veth(args.seconds)
-            wgo = wireguard_go(args.seconds)
-            mg, mg_rss = meshguard(args.seconds, Path(tmp))
+            wgo, wgo_cpu = wireguard_go(args.seconds)
+            mg, mg_cpu, mg_rss = meshguard(args.seconds, Path(tmp))
             results["veth"].append(veth)
             results["wireguard-go"].append(wgo)
             results["meshguard"].append(mg)
@@ -143,7 +175,9 @@ def main() -> int:
             rss.append(mg_rss)
             print(
                 f"run {run}: bare veth {_gbit(veth)}  wireguard-go {_gbit(wgo)}  "
-                f"meshguard {_gbit(mg)}  ratio meshguard/wireguard-go {mg / wgo:.2f}",
+                f"meshguard {_gbit(mg)}  ratio meshguard/wireguard-go {mg / wgo:.2f}  "
+                f"(CPU per 1368-byte segment, both ends: wireguard-go {wgo_cpu:.1f} µs, "
+                f"meshguard {mg_cpu:.1f} µs)",
                 flush=True,
             )
     if args.runs > 1:
