@@ -345,6 +345,7 @@ class _Member:
         "endpoint_index",
         "in_probe_order",
         "incarnation",
+        "knows_us",
         "public_key",
         "record",
         "state",
@@ -362,6 +363,7 @@ class _Member:
         self.address: Address | None = None
         self.endpoint_index = 0
         self.in_probe_order = False
+        self.knows_us = False
 
     def target_address(self) -> Address | None:
         """Where to reach it: where it last spoke from, else one of its advertised endpoints."""
@@ -632,7 +634,7 @@ class Membership:
         elif isinstance(message, StateSync):
             self._on_state_sync(sender, message, addr)
         elif isinstance(message, EndpointUpdate):
-            self._heard_from(sender, addr)
+            self._heard_from(sender, addr, knows_us=True)
             self._on_record(message.record)
         else:
             return False
@@ -750,7 +752,12 @@ class Membership:
         return () if accusation is None else (accusation,)
 
     def _send_ping(self, target: bytes, seq: int, addr: Address) -> None:
+        """A probe; to a member that has not shown it knows us, our record goes first (a
+        joiner's record can miss a member by chance: first contact repairs that at once)."""
         first = self._accusation_for(target)
+        member = self._members.get(target)
+        if member is not None and not member.knows_us and self._status is RecordStatus.ALIVE:
+            first += (Alive(self._members[self._public_key].record),)
         updates = self._piggyback(encoded_size(Ping(seq, target)), first)
         self._send(target, Ping(seq, target, updates), addr)
         self.counters["ping_sent"] += 1
@@ -920,10 +927,14 @@ class Membership:
             self._gossip_at = self._now + self._config.gossip_interval
         self._queue.put(key, update, update_size(update))
 
-    def _heard_from(self, sender: bytes, addr: Address) -> None:
+    def _heard_from(self, sender: bytes, addr: Address, *, knows_us: bool) -> None:
+        """Remember where ``sender`` speaks from, and whether what it sent shows it knows us
+        (it probed us, gossiped to us, asked us for help or exchanged state with us)."""
         member = self._members.get(sender)
         if member is not None:
             member.address = addr
+            if knows_us:
+                member.knows_us = True
 
     # -----------------------------------------------------------------------------------------
     # Gossip: records and accusations
@@ -1047,7 +1058,7 @@ class Membership:
 
     def _on_ping(self, sender: bytes, ping: Ping, addr: Address) -> None:
         self.counters["ping_received"] += 1
-        self._heard_from(sender, addr)
+        self._heard_from(sender, addr, knows_us=True)
         self._apply_updates(ping.updates)
         if ping.target != self._public_key:
             self.counters["wrong_target"] += 1
@@ -1057,7 +1068,7 @@ class Membership:
         self.counters["ack_sent"] += 1
 
     def _on_ack(self, sender: bytes, ack: Ack, addr: Address) -> None:
-        self._heard_from(sender, addr)
+        self._heard_from(sender, addr, knows_us=ack.seq == GOSSIP_SEQ)
         self._apply_updates(ack.updates)
         if ack.seq == GOSSIP_SEQ:
             return
@@ -1081,7 +1092,7 @@ class Membership:
 
     def _on_ping_req(self, sender: bytes, request: PingReq, addr: Address) -> None:
         self.counters["ping_req_received"] += 1
-        self._heard_from(sender, addr)
+        self._heard_from(sender, addr, knows_us=True)
         self._apply_updates(request.updates)
         target = request.target
         if target == self._public_key:
@@ -1099,7 +1110,7 @@ class Membership:
 
     def _on_indirect_ack(self, sender: bytes, ack: IndirectAck, addr: Address) -> None:
         self.counters["indirect_ack_received"] += 1
-        self._heard_from(sender, addr)
+        self._heard_from(sender, addr, knows_us=False)
         self._apply_updates(ack.updates)
         probe = self._probes.get(ack.seq)
         if probe is None or probe.target != ack.target or sender not in probe.helpers:
@@ -1110,7 +1121,7 @@ class Membership:
 
     def _on_nack(self, sender: bytes, nack: Nack, addr: Address) -> None:
         self.counters["nack_received"] += 1
-        self._heard_from(sender, addr)
+        self._heard_from(sender, addr, knows_us=False)
         probe = self._probes.get(nack.seq)
         if probe is not None and probe.target == nack.target and sender in probe.helpers:
             probe.nacks[sender] = None
@@ -1124,7 +1135,7 @@ class Membership:
         sender's state; dead ones are remembered quietly, so they can be reached to heal.
         """
         self.counters["state_sync_received"] += 1
-        self._heard_from(sender, addr)
+        self._heard_from(sender, addr, knows_us=True)
         for entry in sync.entries:
             accusation = entry.suspect_or_dead
             record = entry.record
@@ -1138,7 +1149,7 @@ class Membership:
                     self._add_member(
                         record,
                         MemberState.DEAD,
-                        accusation.accuser,
+                        sender,
                         max(record.incarnation, accusation.incarnation),
                     )
                 else:
