@@ -217,8 +217,9 @@ def test_partial_udp_checksum_is_completed(version: int) -> None:
     assert rfc1071_sum(pseudo_header(completed, udp_len, proto=17) + udp) == 0xFFFF
 
 
-def kernel_view(write: bytes) -> list[bytes]:
+def kernel_view(buffers: list[bytes]) -> list[bytes]:
     """What the kernel makes of one TUN write: its checksum completed, then segmented."""
+    write = b"".join(buffers)
     flags, gso_type, hdr_len, _, csum_start, csum_offset = offload.parse_vnet_header(write)
     packet = write[offload.VNET_HDR_LEN :]
     if gso_type == offload.GSO_NONE:
@@ -256,11 +257,11 @@ def test_coalescing_segments_restores_the_stream(
     segments = offload.segment(tso_read(packet, gso_size), MTU)
     writes = offload.coalesce(segments)
     if len(segments) == 1:
-        assert writes == [offload.DATA_VALID_HEADER + segments[0]]
+        assert writes == [[offload.DATA_VALID_HEADER, segments[0]]]
         return
     seen = [s for write in writes for s in kernel_view(write)]
     assert seen == segments
-    assert all(len(w) - offload.VNET_HDR_LEN <= 65535 for w in writes)
+    assert all(len(b"".join(w)) - offload.VNET_HDR_LEN <= 65535 for w in writes)
     headers = l4_offset(packet) + 20 + len(options)
     per_write = (65535 - headers) // gso_size
     assert len(writes) <= -(-len(segments) // per_write) + 1 + psh
@@ -271,7 +272,7 @@ def test_a_short_run_of_full_segments_becomes_one_tso_write() -> None:
         finished(tcp_packet(bytes([i]) * 1000, seq=5000 + 1000 * i, ip_id=i)) for i in range(5)
     ]
     [write] = offload.coalesce(segments)
-    assert offload.parse_vnet_header(write)[:4] == (
+    assert offload.parse_vnet_header(write[0])[:4] == (
         offload.F_NEEDS_CSUM, offload.GSO_TCPV4, 40, 1000
     )
     assert kernel_view(write) == segments
@@ -284,8 +285,8 @@ def test_non_tcp_and_control_segments_are_written_alone_and_in_order() -> None:
     packets = [data[0], data[1], udp, data[2], data[3], syn]
     writes = offload.coalesce(packets)
     assert len(writes) == 4
-    assert writes[1] == offload.DATA_VALID_HEADER + udp
-    assert writes[3] == offload.DATA_VALID_HEADER + syn
+    assert writes[1] == [offload.DATA_VALID_HEADER, udp]
+    assert writes[3] == [offload.DATA_VALID_HEADER, syn]
     assert [tcp_fields(s)[3] for s in kernel_view(writes[0])] == [bytes(100)] * 2
 
 
@@ -305,14 +306,15 @@ def test_segments_that_differ_in_a_compared_field_are_not_merged(change: dict[st
     second_fields: dict[str, object] = {"seq": 1100, **change}
     second = finished(tcp_packet(bytes(1000), **second_fields))  # type: ignore[arg-type]
     writes = offload.coalesce([first, second])
-    assert writes == [offload.DATA_VALID_HEADER + first, offload.DATA_VALID_HEADER + second]
+    assert writes == [[offload.DATA_VALID_HEADER, first], [offload.DATA_VALID_HEADER, second]]
 
 
 def test_interleaved_flows_keep_their_order() -> None:
     a = [finished(tcp_packet(bytes(500), seq=500 * i, sport=1)) for i in range(3)]
     b = [finished(tcp_packet(bytes(500), seq=500 * i, sport=2)) for i in range(3)]
     writes = offload.coalesce([a[0], b[0], a[1], b[1], a[2], b[2]])
-    assert [w[offload.VNET_HDR_LEN:] for w in writes] == [a[0], b[0], a[1], b[1], a[2], b[2]]
+    assert [w[1] for w in writes] == [a[0], b[0], a[1], b[1], a[2], b[2]]
+    assert all(w[0] == offload.DATA_VALID_HEADER and len(w) == 2 for w in writes)
 
 
 def test_a_longer_segment_after_a_short_one_starts_a_new_run() -> None:

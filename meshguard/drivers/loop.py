@@ -170,17 +170,30 @@ class DataPlane:
                 self.on_event(event)
 
     def _write_tun(self, packets: list[bytes]) -> None:
-        write = os.write
         fd = self.tun.fileno()
-        writes = offload.coalesce(packets) if self.tun.vnet_hdr else packets
-        for data in writes:
-            try:
-                write(fd, data)
-            except OSError as error:
-                self.counters.tun_write_errors += 1
-                if error.errno not in (errno.EIO, errno.EINVAL, errno.EAGAIN, errno.ENOBUFS):
-                    log.warning("tun write failed: %s", error)
-        self.counters.tun_writes += len(writes)
+        if self.tun.vnet_hdr:
+            writev = os.writev
+            writes = offload.coalesce(packets)
+            for buffers in writes:
+                try:
+                    writev(fd, buffers)
+                except OSError as error:
+                    self._tun_write_failed(error)
+            self.counters.tun_writes += len(writes)
+        else:
+            write = os.write
+            for packet in packets:
+                try:
+                    write(fd, packet)
+                except OSError as error:
+                    self._tun_write_failed(error)
+            self.counters.tun_writes += len(packets)
+
+    def _tun_write_failed(self, error: OSError) -> None:
+        """EIO (interface down) and EINVAL (a packet the kernel refuses) are counted only."""
+        self.counters.tun_write_errors += 1
+        if error.errno not in (errno.EIO, errno.EINVAL, errno.EAGAIN, errno.ENOBUFS):
+            log.warning("event=tun_write_failed error=%s", error.strerror)
 
 
 def describe(event: object) -> str:

@@ -282,11 +282,12 @@ def _run_start(packet: bytes) -> tuple[int, int] | None:
     return l4, payload_start
 
 
-def _super_packet(first: bytes, l4: int, payload_start: int, payloads: list[bytes]) -> bytes:
-    """One TUN write (virtio-net header + TSO packet) carrying the segments' payloads."""
+def _super_packet(
+    first: bytes, l4: int, payload_start: int, payloads: list[bytes], payload_length: int
+) -> list[bytes]:
+    """One TUN write (virtio-net header + TSO packet headers, then the segments' payloads)."""
     gso_size = len(payloads[0])
-    payload = b"".join(payloads)
-    l4_len = payload_start - l4 + len(payload)
+    l4_len = payload_start - l4 + payload_length
     # With F_NEEDS_CSUM the checksum field holds the pseudo-header sum, not yet complemented.
     partial = (_pseudo_sum(first) + l4_len) % 0xFFFF or 0xFFFF
     tcp_header = (
@@ -309,11 +310,13 @@ def _super_packet(first: bytes, l4: int, payload_start: int, payloads: list[byte
         ip = first[0:4] + l4_len.to_bytes(2, "big") + first[6:40]
         gso_type = GSO_TCPV6
     header = _VNET.pack(F_NEEDS_CSUM, gso_type, payload_start, gso_size, l4, 16)
-    return header + ip + tcp_header + payload
+    payloads.insert(0, header + ip + tcp_header)
+    return payloads
 
 
-def coalesce(packets: Sequence[bytes]) -> list[bytes]:
-    """TUN writes (each with a virtio-net header) for decrypted packets, in order.
+def coalesce(packets: Sequence[bytes]) -> list[list[bytes]]:
+    """TUN writes for decrypted packets, in order, each as the buffers of one ``writev``
+    (a virtio-net header, then the packet), so payloads are never copied together.
 
     Runs of adjacent in-order TCP segments of one flow, all of one size except possibly a
     shorter last one, become one TSO super-packet (the receive-side twin of :func:`segment`,
@@ -323,7 +326,7 @@ def coalesce(packets: Sequence[bytes]) -> list[bytes]:
     runs are of ACK-only segments, so a segment with PSH (or any other flag) is written alone,
     marked checksum-valid, like anything that is not TCP.
     """
-    writes: list[bytes] = []
+    writes: list[list[bytes]] = []
     append = writes.append
     payloads: list[bytes] = []
     first = b""
@@ -348,17 +351,17 @@ def coalesce(packets: Sequence[bytes]) -> list[bytes]:
                 next_seq = (next_seq + size) & 0xFFFFFFFF
                 if size == gso_size:
                     continue
-                append(_super_packet(first, l4, payload_start, payloads))
+                append(_super_packet(first, l4, payload_start, payloads, length - payload_start))
                 payloads = []
                 continue
             if len(payloads) == 1:
-                append(DATA_VALID_HEADER + first)
+                append([DATA_VALID_HEADER, first])
             else:
-                append(_super_packet(first, l4, payload_start, payloads))
+                append(_super_packet(first, l4, payload_start, payloads, length - payload_start))
             payloads = []
         start = _run_start(packet)
         if start is None:
-            append(DATA_VALID_HEADER + packet)
+            append([DATA_VALID_HEADER, packet])
             continue
         l4, payload_start = start
         first = packet
@@ -376,7 +379,7 @@ def coalesce(packets: Sequence[bytes]) -> list[bytes]:
         options = packet[l4 + 18 : payload_start]
         payloads = [packet[payload_start:]]
     if len(payloads) == 1:
-        append(DATA_VALID_HEADER + first)
+        append([DATA_VALID_HEADER, first])
     elif payloads:
-        append(_super_packet(first, l4, payload_start, payloads))
+        append(_super_packet(first, l4, payload_start, payloads, length - payload_start))
     return writes
