@@ -59,6 +59,7 @@ class Trace:
     def __init__(self) -> None:
         self._hash = blake3.blake3()
         self._addresses: dict[Address, bytes] = {}
+        self._kinds: dict[str, int] = {}
         self.records = 0
 
     def _address(self, address: Address) -> bytes:
@@ -70,16 +71,23 @@ class Trace:
         return encoded
 
     def delivery(self, now: float, packet: Packet) -> None:
-        update = self._hash.update
-        update(struct.pack("<cdI", b"D", now, len(packet.data)))
-        update(self._address(packet.src))
-        update(self._address(packet.dst))
-        update(packet.data)
+        self._hash.update(b"".join((struct.pack("<cdI", b"D", now, len(packet.data)),
+                                    self._address(packet.src), self._address(packet.dst),
+                                    packet.data)))
         self.records += 1
 
     def event(self, now: float, text: str) -> None:
         encoded = text.encode()
         self._hash.update(struct.pack("<cdI", b"E", now, len(encoded)) + encoded)
+        self.records += 1
+
+    def observation(self, now: float, observer: int, kind: str, subject: int) -> None:
+        """A membership event: node number ``observer`` reports ``kind`` about ``subject``."""
+        code = self._kinds.get(kind)
+        if code is None:
+            code = self._kinds[kind] = len(self._kinds)
+            self.event(now, f"kind {code} {kind}")
+        self._hash.update(struct.pack("<cdIHi", b"M", now, observer, code, subject))
         self.records += 1
 
     def hexdigest(self) -> str:
@@ -145,6 +153,8 @@ class MembershipTracker:
     def __init__(self, keys: dict[str, bytes], trace: Trace) -> None:
         self.keys = keys
         self.names = {key: name for name, key in keys.items()}
+        self.numbers = {name: number for number, name in enumerate(keys)}
+        self._key_numbers = {key: self.numbers[name] for key, name in self.names.items()}
         self.trace = trace
         self.live: dict[str, None] = {}
         self.known: dict[str, set[bytes]] = {}
@@ -239,6 +249,7 @@ class MembershipTracker:
         if observer not in self.live:
             return
         own_key = self.keys[observer]
+        observer_number = self.numbers[observer]
         known = self.known[observer]
         target = len(self.live) - 1
         for event in events:
@@ -248,7 +259,7 @@ class MembershipTracker:
             if key is None:
                 continue
             subject = self.names.get(key, key.hex()[:12])
-            self.trace.event(now, f"{observer} {kind} {subject}")
+            self.trace.observation(now, observer_number, kind, self._key_numbers.get(key, -1))
             if key == own_key:
                 continue
             if kind in self._interval_events:

@@ -171,7 +171,8 @@ class Network:
         self._cuts: dict[str, _Cut] = {}
         self._extra_loss = 0.0
         self._group_loss: dict[tuple[str, str], float] = {}
-        self._leaf: dict[str, tuple[str, Hop]] = {}
+        self._leaf: dict[str, tuple[str, Hop, Hop]] = {}
+        """Single-homed hosts: (attachment point, hop out of the host, hop into it)."""
         self._core_routes: dict[tuple[str, str], tuple[Hop, ...]] = {}
         self.topology_changed()
 
@@ -188,7 +189,8 @@ class Network:
                 link: Link = self.graph.edges[node, neighbour]["link"]
                 middlebox = self.graph.nodes[neighbour].get("middlebox")
                 direction = 0 if link.ends[0] == node else 1
-                self._leaf[node] = (neighbour, (link, direction, neighbour, middlebox))
+                self._leaf[node] = (neighbour, (link, direction, neighbour, middlebox),
+                                    (link, 1 - direction, node, None))
 
     def add_host(self, host: str, group: str, attach_to: str, spec: LinkSpec) -> None:
         add_host(self.graph, host, group, attach_to, spec)
@@ -352,8 +354,7 @@ class Network:
         if src_leaf is not None:
             core = (src_leaf[1], *core)
         if dst_leaf is not None:
-            link, direction, _, _ = dst_leaf[1]
-            core = (*core, (link, 1 - direction, dst, None))
+            core = (*core, dst_leaf[2])
         return core
 
     def _core_route(self, src: str, dst: str) -> tuple[Hop, ...] | None:

@@ -336,7 +336,7 @@ class Simulation:
     def steps(self) -> Iterator[float]:
         """Advances the simulation in chunks, yielding the simulated time reached."""
         duration = self.scenario.duration
-        chunk = max(self.scenario.sample_interval, duration / 200)
+        chunk = min(1.0, duration / 100)
         reached = 0.0
         while reached < duration:
             reached = min(duration, reached + chunk)
