@@ -100,3 +100,18 @@ def test_progress_bar_goes_to_stderr(tmp_path: Path) -> None:
     assert done.returncode == 0
     assert "sim s" in done.stderr and "smoke-5" in done.stderr
     assert "sim s" not in done.stdout.splitlines()[-1]
+
+
+def test_broken_invariant_exits_1_with_the_reproducing_command(tmp_path: Path) -> None:
+    path = tmp_path / "split.yaml"
+    path.write_text(
+        "duration: 120\nsettle: 60\nnodes: {groups: [{name: a, count: 2}, {name: b, count: 2}]}\n"
+        "events:\n  - {at: 10, partition: {a: [a], b: [b]}}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "sim", str(path), "--seed", "5", "--quiet",
+         "--out", str(tmp_path / "out")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "INVARIANT VIOLATED" in done.stderr
+    assert "every live node knows every live member" in done.stderr
+    assert done.stderr.splitlines()[-1] == f"reproduce with: python -m sim {path} --seed 5"
