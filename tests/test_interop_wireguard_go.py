@@ -49,12 +49,17 @@ def hosts(lab: Lab) -> tuple[Namespace, Namespace]:
 
 
 def _pair(
-    lab: Lab, hosts: tuple[Namespace, Namespace], tmp_path: Path, *, key: str | None = None
+    lab: Lab,
+    hosts: tuple[Namespace, Namespace],
+    tmp_path: Path,
+    *,
+    key: str | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> tuple[WireGuardGoNode, MeshguardNode]:
     """wireguard-go and meshguard peered with each other (optionally with a preshared key)."""
     wg_host, mg_host = hosts
     wgo = WireGuardGoNode(wg_host, lab, WG_UNDERLAY)
-    mg = MeshguardNode(mg_host, tmp_path / "mg", MG_UNDERLAY)
+    mg = MeshguardNode(mg_host, tmp_path / "mg", MG_UNDERLAY, extra_args=list(extra_args))
     wgo.start([mg.as_peer(key)], log_path=tmp_path / "wireguard-go.log")
     mg.start([wgo.as_peer(key)])
     return wgo, mg
@@ -91,11 +96,14 @@ def test_handshake_when_wireguard_go_initiates(
     _assert_pings(wg_host, mg_host, mg.ipv4, mg.ipv6, wgo.ipv4, wgo.ipv6)
 
 
+@pytest.mark.parametrize("extra_args", [(), ("--no-offload",)], ids=["offloads", "plain"])
 def test_tcp_transfer_both_ways_arrives_intact(
-    lab: Lab, hosts: tuple[Namespace, Namespace], tmp_path: Path
+    lab: Lab, hosts: tuple[Namespace, Namespace], tmp_path: Path, extra_args: tuple[str, ...]
 ) -> None:
     wg_host, mg_host = hosts
-    wgo, mg = _pair(lab, hosts, tmp_path)
+    wgo, mg = _pair(lab, hosts, tmp_path, extra_args=extra_args)
+    expected = "tun_offload=False" if extra_args else "tun_offload=True"
+    assert expected in mg.log()
     sent, received = tcp_transfer(mg_host, wg_host, wgo.ipv4, TRANSFER_BYTES)
     assert sent == received and sent.startswith(f"{TRANSFER_BYTES} ")
     sent, received = tcp_transfer(wg_host, mg_host, mg.ipv6, TRANSFER_BYTES, port=5556)
