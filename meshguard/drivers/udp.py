@@ -35,6 +35,15 @@ _SEGMENT = struct.Struct("=H")
 _FALLBACK_ERRNOS = {errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 
 
+def _gro_size(ancillary: list[tuple[int, int, bytes]]) -> int:
+    """The datagram size of a GRO run from ``recvmsg``'s control messages (0 if none)."""
+    for level, kind, data in ancillary:
+        if level == SOL_UDP and kind == UDP_GRO and len(data) >= _GRO_CMSG.size:
+            size: int = _GRO_CMSG.unpack_from(data)[0]
+            return size
+    return 0
+
+
 class UdpSocket:
     """A bound UDP socket that sends and receives in batches."""
 
@@ -46,7 +55,11 @@ class UdpSocket:
         except OSError:
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self.dual_stack = False
-        self.sock.bind((host or ("::" if self.dual_stack else "0.0.0.0"), port))
+        if not host:
+            host = "::" if self.dual_stack else "0.0.0.0"
+        elif self.dual_stack and ":" not in host:
+            host = "::ffff:" + host
+        self.sock.bind((host, port))
         self.port: int = self.sock.getsockname()[1]
         for force, plain, size in (
             (SO_SNDBUFFORCE, socket.SO_SNDBUF, BUFFER_BYTES),
@@ -114,8 +127,8 @@ class UdpSocket:
                 break
             except OSError:
                 continue
-            if ancillary:
-                size = _GRO_CMSG.unpack_from(ancillary[0][2])[0]
+            size = _gro_size(ancillary)
+            if size and len(data) > size:
                 datagrams = [data[i : i + size] for i in range(0, len(data), size)]
             else:
                 datagrams = [data]
