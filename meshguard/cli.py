@@ -259,6 +259,16 @@ def _register_daemon(subparsers: Subparsers) -> None:
     run.set_defaults(handler=daemon.run_command)
 
 
+def _register_demo(subparsers: Subparsers) -> None:
+    from meshguard import demo
+
+    parser = subparsers.add_parser(
+        "demo", help="build a mesh of network namespaces on this machine and show it (root)"
+    )
+    demo.add_demo_arguments(parser)
+    parser.set_defaults(handler=demo.demo_command)
+
+
 def _register_netcheck(subparsers: Subparsers) -> None:
     from meshguard import netcheck
 
@@ -280,6 +290,7 @@ REGISTRARS: tuple[Registrar, ...] = (
     _register_trust,
     _register_config,
     _register_daemon,
+    _register_demo,
     _register_control,
     _register_netcheck,
 )
