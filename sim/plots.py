@@ -55,7 +55,7 @@ def _convergence(result: Result, path: Path) -> Path:
 def _detection(result: Result, path: Path) -> Path:
     crashes = result.crashes
     period = result.summary["protocol_period"]
-    figure, axis = plt.subplots(figsize=(9, 4.5))
+    figure, axis = plt.subplots(figsize=(9, 5))
     indexes = list(range(len(crashes)))
     for key, label in (("first_suspicion", "first suspicion"),
                        ("first_death", "first declared dead"),
@@ -70,7 +70,7 @@ def _detection(result: Result, path: Path) -> Path:
     if not crashes:
         axis.text(0.5, 0.5, "no crashes in this scenario", transform=axis.transAxes,
                   ha="center")
-    axis.legend(loc="upper left", fontsize="small")
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize="small")
     axis.set_title(f"{result.summary['scenario']}: failure detection")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
