@@ -144,8 +144,6 @@ class Simulation:
             if isinstance(event.action, Join):
                 groups.extend((name, event.action.group) for name in event.action.names)
         pool = ipaddress.IPv4Network(nodes.address_pool)
-        if len(groups) > pool.num_addresses - 2:
-            raise ValueError(f"nodes.address_pool {pool} is too small for {len(groups)} hosts")
         hosts = {}
         for index, (name, group) in enumerate(groups):
             ip = str(pool.network_address + 1 + index)

@@ -611,6 +611,10 @@ def _parse(data: object, default_name: str, protocol_validator: ProtocolValidato
     indexed = sorted(enumerate(raw_events), key=lambda pair: _event_time(pair[1]))
     events = [(index, _event(item, f"events[{index}]", groups, names, group_sizes, partitions))
               for index, item in indexed]
+    capacity = ipaddress.IPv4Network(nodes.address_pool).num_addresses - 2
+    if len(names) > capacity:
+        raise ScenarioError("nodes.address_pool", f"{nodes.address_pool} has room for "
+                            f"{max(capacity, 0)} hosts, the scenario starts {len(names)}")
     for index, event in events:
         if event.at >= duration:
             raise ScenarioError(f"events[{index}].at",

@@ -95,6 +95,10 @@ def test_events_are_sorted_by_time_and_partitions_named() -> None:
     (base(protocol={"periodd": 1}), "protocol.periodd: unknown field"),
     (base(protocol={"profile": "space"}), "protocol.profile: must be wan or lan"),
     ([1, 2], "(top level): must be a mapping"),
+    (base(nodes={"count": 5, "address_pool": "10.0.0.0/30"}),
+     "nodes.address_pool: 10.0.0.0/30 has room for 2 hosts, the scenario starts 5"),
+    (base(nodes={"count": 5, "address_pool": "banana"}),
+     "nodes.address_pool: must be an IPv4 network like 100.64.0.0/10, got 'banana'"),
 ])
 def test_errors_name_the_field(data: object, message: str) -> None:
     assert error_of(data).startswith(f"scenario: {message}")
