@@ -55,6 +55,10 @@ def meshguard_cli(config_dir: Path, *args: str) -> str:
     return proc.stdout
 
 
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass
 class Peer:
     """What one endpoint needs to know about the other."""
@@ -90,7 +94,7 @@ class MeshguardNode:
 
     @property
     def endpoint(self) -> str:
-        return f"{self.underlay_ip}:{self.port}"
+        return host_port(self.underlay_ip, self.port)
 
     def as_peer(self, preshared_key: str | None = None) -> Peer:
         return Peer(
@@ -160,7 +164,7 @@ class WireGuardGoNode:
 
     @property
     def endpoint(self) -> str:
-        return f"{self.underlay_ip}:{self.port}"
+        return host_port(self.underlay_ip, self.port)
 
     def as_peer(self, preshared_key: str | None = None) -> Peer:
         return Peer(

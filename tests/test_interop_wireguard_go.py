@@ -166,3 +166,17 @@ def test_meshguard_to_meshguard(
     assert sent == received and sent.startswith(f"{TRANSFER_BYTES} ")
     sent, received = tcp_transfer(host_b, host_a, a.ipv6, TRANSFER_BYTES, port=5556)
     assert sent == received and sent.startswith(f"{TRANSFER_BYTES} ")
+
+
+def test_ipv6_underlay(lab: Lab, tmp_path: Path) -> None:
+    """Endpoints on an IPv6-only link: UDP (with GSO/GRO) over IPv6 to wireguard-go."""
+    wg_host, mg_host = lab.namespace("wg6"), lab.namespace("mg6")
+    lab.link(wg_host, mg_host, "fd00:90::1/64", "fd00:90::2/64")
+    wgo = WireGuardGoNode(wg_host, lab, "fd00:90::1")
+    mg = MeshguardNode(mg_host, tmp_path / "mg", "fd00:90::2")
+    wgo.start([mg.as_peer()])
+    mg.start([wgo.as_peer()])
+    _assert_pings(mg_host, wg_host, wgo.ipv4, wgo.ipv6, mg.ipv4, mg.ipv6)
+    sent, received = tcp_transfer(wg_host, mg_host, mg.ipv4, TRANSFER_BYTES // 5)
+    assert sent == received and sent.startswith(f"{TRANSFER_BYTES // 5} ")
+    assert wgo.transfer()[1] > TRANSFER_BYTES // 5
