@@ -1,14 +1,21 @@
 """The composed mesh node: one per host, one UDP port, every machine behind it.
 
 ``Node`` demultiplexes datagrams by their first bytes (DESIGN.md §4) to the WireGuard device,
-the STUN responder and client, or the membership machine, and turns membership changes into
-WireGuard peers: a trusted member that is alive becomes a peer whose allowed IPs are its mesh
-addresses; a member that dies, leaves or loses trust stops being one. The Linux driver and
-the simulator both drive this class through the same methods.
+the STUN responder and client, NAT detection, NAT traversal (hole punching, relay) or the
+membership machine, and turns membership changes into WireGuard peers: a trusted member that
+is alive becomes a peer whose allowed IPs are its mesh addresses; a member that dies, leaves
+or loses trust stops being one. ``Traversal`` decides each peer's device endpoint: an
+advertised endpoint, a punched address, or a virtual relay address that only exists inside
+the node (``datagrams_to_send`` turns datagrams for it into relay envelopes). The node learns
+its public mapping and NAT type by STUN (configured servers, and public members, which
+answer STUN on the mesh port), advertises them in its signed record, and pushes a new record
+straight to its tunnel peers when its address changes. The Linux driver and the simulator
+both drive this class through the same methods; ``docs/hole-punching.md`` has the design.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -17,11 +24,32 @@ from meshguard.identity.keys import Identity, ed25519_public_to_x25519
 from meshguard.identity.meshaddr import mesh_ipv4, mesh_ipv6
 from meshguard.sansio import codec, swim
 from meshguard.sansio.errors import LocalProtocolError
-from meshguard.sansio.messages import Endpoint
-from meshguard.sansio.stun import StunClient, StunEvent, StunResponder
+from meshguard.sansio.messages import (
+    Endpoint,
+    EndpointUpdate,
+    Message,
+    NatInfo,
+    NatMapping,
+    RecordStatus,
+)
+from meshguard.sansio.natdetect import NatDetected, NatProber
+from meshguard.sansio.stun import MappedAddress, StunClient, StunEvent, StunResponder
 from meshguard.sansio.swim_config import SwimConfig
+from meshguard.sansio.traversal import (
+    PathChanged,
+    PathInfo,
+    PathKind,
+    Traversal,
+    TraversalConfig,
+)
 from meshguard.sansio.types import Address, Entropy, RandomSource, WallClock
-from meshguard.sansio.wireguard import DeviceConfig, WireGuardDevice, WireGuardEvent
+from meshguard.sansio.wireguard import (
+    DeviceConfig,
+    EndpointChanged,
+    PeerUnreachable,
+    WireGuardDevice,
+    WireGuardEvent,
+)
 
 _WIREGUARD_FIRST_BYTES = frozenset((1, 2, 3, 4))
 _WIREGUARD_ZERO_BYTES = b"\x00\x00\x00"
@@ -37,6 +65,17 @@ class NodeConfig:
     """Handshake with every member as soon as it is alive, instead of on the first packet."""
     stun_responder: bool = True
     """Answer STUN Binding requests on the mesh port, so the mesh needs no outside server."""
+    stun_servers: tuple[Address, ...] = ()
+    """Outside STUN servers to learn the public mapping and NAT type from (optional: public
+    members are asked too). The first one that answers is the mapping the node advertises."""
+    nat: NatInfo | None = None
+    """NAT facts known in advance (a host with a public address says ``NatMapping.NONE``);
+    None: detect them with STUN."""
+    allow_relay: bool = False
+    """Relay WireGuard datagrams between other members (gossiped as ``allows_relay``)."""
+    member_stun_servers: int = 2
+    """Public members asked for our mapping (two of them also tell the NAT type)."""
+    traversal: TraversalConfig = field(default_factory=TraversalConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +105,27 @@ class MeshAddressCollision:
     refused: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class PeerStatus:
+    """One row of ``Node.status()``: what ``meshguard status`` shows about a member."""
+
+    public_key: bytes
+    state: str
+    """Member state: alive, suspect, dead or left."""
+    path: PathKind | None
+    """None when the member is no WireGuard peer (dead, left)."""
+    endpoint: Address | None
+    """Where datagrams to it go (the relay's address when relayed)."""
+    relay: bytes | None
+    rtt: float | None
+    last_handshake: float | None
+    """Wall-clock seconds of the latest WireGuard handshake."""
+    rx_bytes: int
+    tx_bytes: int
+
+
 NodeEvent = PeerAdded | PeerRemoved | MeshAddressCollision
-Event = NodeEvent | swim.MembershipEvent | WireGuardEvent | StunEvent
+Event = NodeEvent | swim.MembershipEvent | WireGuardEvent | StunEvent | PathChanged | NatDetected
 
 
 @dataclass(slots=True)
@@ -89,7 +147,7 @@ def _address_of(endpoint: Endpoint) -> Address:
 
 
 class Node:
-    """A mesh member: membership, tunnels and NAT helpers behind one UDP port."""
+    """A mesh member: membership, tunnels and NAT traversal behind one UDP port."""
 
     def __init__(
         self,
@@ -105,6 +163,12 @@ class Node:
     ) -> None:
         self.identity = identity
         self.config = config
+        self._now = now
+        self._nat = dataclasses.replace(
+            config.nat if config.nat is not None else NatInfo(), allows_relay=config.allow_relay
+        )
+        self._configured_endpoints = tuple(advertised_endpoints)
+        self._public_endpoint: Endpoint | None = None
         self.membership = swim.Membership(
             identity,
             config=config.swim,
@@ -113,6 +177,7 @@ class Node:
             rng=rng,
             entropy=entropy,
             now=now,
+            nat=self._nat,
         )
         self.device = WireGuardDevice(
             identity.x25519_private,
@@ -121,16 +186,42 @@ class Node:
             wallclock=wallclock,
             config=config.device,
         )
+        self.traversal = Traversal(
+            identity.public_key,
+            config=config.traversal,
+            rng=rng,
+            seal=self._seal,
+            open_datagram=self.membership.authenticate,
+            allow_relay=config.allow_relay,
+        )
+        self.traversal.set_local(self._configured_endpoints, self._nat)
         self.stun_client = StunClient(entropy=entropy)
+        self._entropy = entropy
         self._stun_responder = StunResponder() if config.stun_responder else None
+        self._stun_servers: list[Address] = []
+        """Servers the client monitors, in order; the first to answer gives our mapping."""
+        self._member_stun: list[Address] = []
+        self._prober: NatProber | None = None
         self._peers: dict[bytes, _Peer] = {}
+        self._member_of: dict[bytes, bytes] = {}
+        """WireGuard key → member key, for device events."""
         self._address_owner: dict[str, bytes] = {
             str(mesh_ipv4(identity.public_key)): identity.public_key,
             str(mesh_ipv6(identity.public_key)): identity.public_key,
         }
         self._outbox: list[tuple[bytes, Address]] = []
         self._events: list[Event] = []
-        self.counters: dict[str, int] = {"stun_dropped": 0, "meshguard_datagrams": 0}
+        self.counters: dict[str, int] = {
+            "stun_dropped": 0,
+            "meshguard_datagrams": 0,
+            "endpoint_update_refused": 0,
+            "endpoint_updates_sent": 0,
+            "unhandled_message": 0,
+        }
+        for server in config.stun_servers:
+            self._monitor(server, now)
+        if config.stun_servers and config.nat is None:
+            self._start_nat_detection(config.stun_servers, now)
 
     # -- membership control ------------------------------------------------------------
 
@@ -147,24 +238,35 @@ class Node:
         self._absorb(now)
 
     def set_advertised_endpoints(self, endpoints: Sequence[Endpoint], now: float) -> None:
-        self.membership.set_advertised_endpoints(endpoints, now)
+        """Our local addresses changed (roaming): advertise them and tell tunnel peers.
+
+        A learned public mapping is dropped (it belonged to the old address) and asked for
+        again at once.
+        """
+        self._configured_endpoints = tuple(endpoints)
+        self._public_endpoint = None
+        self._publish_endpoints(now)
+        if self._stun_servers:
+            self.stun_client.query(self._stun_servers[0], now)
         self._absorb(now)
 
     # -- input -------------------------------------------------------------------------
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         """Route one datagram to the machine its first bytes name; never raises."""
+        self._now = now
         if _is_wireguard(data):
             self.device.receive_datagram(data, addr, now)
         elif codec.classify(data) is codec.DatagramKind.STUN:
             self._receive_stun(data, addr, now)
         else:
             self.counters["meshguard_datagrams"] += 1
-            self.membership.receive_datagram(data, addr, now)
+            self._receive_meshguard(data, addr, now)
         self._absorb(now)
 
     def receive_datagrams(self, datagrams: Sequence[bytes], addr: Address, now: float) -> None:
         """A batch from one address (UDP GRO): WireGuard runs go to the device's fast path."""
+        self._now = now
         start = 0
         for index, data in enumerate(datagrams):
             if not _is_wireguard(data):
@@ -180,9 +282,29 @@ class Node:
 
     def send_packets(self, packets: Sequence[bytes], now: float) -> None:
         """IP packets from the TUN; a tunnel is set up on demand by the device."""
+        self._now = now
         self.device.send_packets(packets, now)
+        self._device_events(now)
+
+    def _receive_meshguard(self, data: bytes, addr: Address, now: float) -> None:
+        opened = self.membership.authenticate(data)
+        if opened is None:
+            return
+        sender, message = opened
+        self.traversal.heard(sender, addr)
+        if isinstance(message, EndpointUpdate) and message.record.public_key != sender:
+            self.counters["endpoint_update_refused"] += 1
+        elif not self.traversal.on_message(
+            sender, message, addr, now
+        ) and not self.membership.handle_message(sender, message, addr, now):
+            self.counters["unhandled_message"] += 1
+        for payload, virtual in self.traversal.deliveries():
+            self.device.receive_datagram(payload, virtual, now)
 
     def _receive_stun(self, data: bytes, addr: Address, now: float) -> None:
+        if self._prober is not None and self._prober.matches(data):
+            self._prober.receive_datagram(data, addr, now)
+            return
         if self.stun_client.matches(data):
             self.stun_client.receive_datagram(data, addr, now)
             return
@@ -202,15 +324,21 @@ class Node:
                 self.membership.next_deadline(),
                 self.device.next_deadline(),
                 self.stun_client.next_deadline(),
+                self.traversal.next_deadline(),
+                None if self._prober is None else self._prober.next_deadline(),
             )
             if deadline is not None
         ]
         return min(deadlines) if deadlines else None
 
     def on_timer(self, now: float) -> None:
+        self._now = now
         self.membership.on_timer(now)
         self.device.on_timer(now)
         self.stun_client.on_timer(now)
+        self.traversal.on_timer(now)
+        if self._prober is not None:
+            self._prober.on_timer(now)
         self._absorb(now)
 
     # -- output ------------------------------------------------------------------------
@@ -220,22 +348,73 @@ class Node:
         self._outbox = []
         out.extend(self.membership.datagrams_to_send())
         out.extend(self.stun_client.datagrams_to_send())
-        out.extend(self.device.datagrams_to_send())
+        if self._prober is not None:
+            out.extend(self._prober.datagrams_to_send())
+        out.extend(self.traversal.datagrams_to_send())
+        from_device = self.device.datagrams_to_send()
+        if not self.traversal.has_virtual():
+            out.extend(from_device)
+            return out
+        wrap = self.traversal.wrap
+        for data, addr in from_device:
+            if addr[1] != 0:
+                out.append((data, addr))
+                continue
+            wrapped = wrap(data, addr)
+            if wrapped is not None:
+                out.append(wrapped)
         return out
 
     def tun_packets(self) -> list[bytes]:
         return self.device.tun_packets()
 
     def events(self) -> list[Event]:
-        self._events.extend(self.device.events())
+        self._device_events(self._now)
         out = self._events
         self._events = []
         return out
 
+    # -- snapshots ---------------------------------------------------------------------
+
+    def paths(self) -> dict[bytes, PathInfo]:
+        """The path to every peer, by member key (sorted)."""
+        return self.traversal.paths()
+
+    def status(self) -> list[PeerStatus]:
+        """One row per member this node knows (itself excluded), sorted by key."""
+        rows: list[PeerStatus] = []
+        paths = self.traversal.paths()
+        for view in sorted(self.membership.members(), key=lambda v: v.public_key):
+            key = view.public_key
+            if key == self.identity.public_key:
+                continue
+            path = paths.get(key)
+            peer = self._peers.get(key)
+            stats = None if peer is None else self.device.peer_stats(peer.wireguard_key)
+            rows.append(
+                PeerStatus(
+                    public_key=key,
+                    state=view.state.value,
+                    path=None if path is None else path.kind,
+                    endpoint=None if path is None else path.endpoint,
+                    relay=None if path is None else path.relay,
+                    rtt=None if path is None else path.rtt,
+                    last_handshake=None if stats is None else stats.last_handshake,
+                    rx_bytes=0 if stats is None else stats.rx_bytes,
+                    tx_bytes=0 if stats is None else stats.tx_bytes,
+                )
+            )
+        return rows
+
+    @property
+    def nat(self) -> NatInfo:
+        """The NAT facts this node advertises about itself."""
+        return self._nat
+
     # -- membership → WireGuard peers --------------------------------------------------
 
     def _absorb(self, now: float) -> None:
-        """Apply membership and STUN events to the device, then queue them for the driver."""
+        """Apply membership, STUN and device events, then queue them for the driver."""
         for event in self.membership.events():
             self._events.append(event)
             if isinstance(event, swim.MemberJoined | swim.MemberAlive | swim.MemberUpdated):
@@ -250,24 +429,51 @@ class Node:
                 self._remove(event.public_key, "untrusted", now)
         for stun_event in self.stun_client.events():
             self._events.append(stun_event)
+            if isinstance(stun_event, MappedAddress):
+                self._on_mapped(stun_event, now)
+        if self._prober is not None:
+            for detected in self._prober.events():
+                self._events.append(detected)
+                self._on_nat_detected(detected, now)
+        self._device_events(now)
+
+    def _device_events(self, now: float) -> None:
+        """Device events to traversal (roaming, given-up handshakes), then its decisions."""
+        for event in self.device.events():
+            self._events.append(event)
+            if isinstance(event, EndpointChanged):
+                member = self._member_of.get(event.public_key)
+                if member is not None:
+                    self.traversal.on_device_roamed(member, event.endpoint, now)
+            elif isinstance(event, PeerUnreachable):
+                member = self._member_of.get(event.public_key)
+                if member is not None:
+                    self.traversal.on_peer_unreachable(member, now)
+        for key, endpoint in self.traversal.endpoint_changes():
+            peer = self._peers.get(key)
+            if peer is not None:
+                self.device.set_endpoint(peer.wireguard_key, endpoint)
+        self._events.extend(self.traversal.events())
 
     def _admit(self, public_key: bytes, now: float) -> None:
         view = self.membership.member(public_key)
         if view is None or public_key == self.identity.public_key:
             return
-        endpoint = _address_of(view.endpoints[0]) if view.endpoints else None
+        self._ask_member_for_stun(view, now)
         peer = self._peers.get(public_key)
         if peer is not None:
-            if endpoint is not None:
-                self.device.set_endpoint(peer.wireguard_key, endpoint)
+            self.traversal.update_member(public_key, view.endpoints, view.nat, now)
             return
         try:
             wireguard_key = ed25519_public_to_x25519(public_key)
         except ValueError:
             return
         networks = self._claim_addresses(public_key)
+        endpoint = _address_of(view.endpoints[0]) if view.endpoints else None
         self.device.add_peer(wireguard_key, allowed_ips=networks, endpoint=endpoint, now=now)
         self._peers[public_key] = _Peer(wireguard_key, networks)
+        self._member_of[wireguard_key] = public_key
+        self.traversal.add_member(public_key, view.endpoints, view.nat, now)
         self._events.append(
             PeerAdded(public_key, mesh_ipv4(public_key), mesh_ipv6(public_key), endpoint)
         )
@@ -292,6 +498,8 @@ class Node:
         if peer is None:
             return
         self.device.remove_peer(peer.wireguard_key, now)
+        del self._member_of[peer.wireguard_key]
+        self.traversal.remove_member(public_key, now)
         for network in peer.networks:
             address = str(network.network_address)
             if self._address_owner.get(address) == public_key:
@@ -307,3 +515,99 @@ class Node:
         if peer is None:
             raise LocalProtocolError("not a peer of this node")
         return peer.wireguard_key
+
+    # -- sealing for traversal ---------------------------------------------------------
+
+    def _seal(self, peer: bytes, message: Message) -> bytes | None:
+        try:
+            return self.membership.seal_to(peer, message)
+        except LocalProtocolError:
+            return None
+
+    # -- NAT discovery and our own endpoints -------------------------------------------
+
+    def _monitor(self, server: Address, now: float) -> None:
+        if server not in self._stun_servers:
+            self._stun_servers.append(server)
+            self.stun_client.monitor(server, now)
+
+    def _ask_member_for_stun(self, view: swim.MemberView, now: float) -> None:
+        """A public member answers STUN on its mesh port: use a few as servers."""
+        if (
+            self.config.nat is not None
+            or view.nat.mapping is not NatMapping.NONE
+            or not view.endpoints
+            or len(self._member_stun) >= self.config.member_stun_servers
+        ):
+            return
+        server = _address_of(view.endpoints[0])
+        if server in self._stun_servers:
+            return
+        self._member_stun.append(server)
+        self._monitor(server, now)
+        if (
+            self._prober is None
+            and len(self._member_stun) == self.config.member_stun_servers
+        ):
+            self._start_nat_detection(self._member_stun, now)
+
+    def _start_nat_detection(self, servers: Sequence[Address], now: float) -> None:
+        local = [_address_of(e) for e in self._configured_endpoints]
+        self._prober = NatProber(servers, local, self._entropy)
+        self._prober.start(now)
+
+    def _on_mapped(self, event: MappedAddress, now: float) -> None:
+        """The first server we monitor tells the public mapping we advertise."""
+        if not self._stun_servers or event.server != self._stun_servers[0]:
+            return
+        mapped = codec.canonical_endpoint(Endpoint(*event.mapped))
+        if mapped != self._public_endpoint:
+            self._public_endpoint = mapped
+            self._publish_endpoints(now)
+
+    def _on_nat_detected(self, detected: NatDetected, now: float) -> None:
+        report = detected.report
+        if self.config.nat is None:
+            self._nat = dataclasses.replace(report.nat, allows_relay=self.config.allow_relay)
+            self.membership.set_nat_info(self._nat, now)
+        if self._public_endpoint is None and report.public_endpoints:
+            self._public_endpoint = report.public_endpoints[0]
+        self._publish_endpoints(now)
+
+    def _publish_endpoints(self, now: float) -> None:
+        """Advertise the public mapping first, then local addresses; on a change, sign a new
+        record and push it straight to the peers we have tunnels with (roaming)."""
+        endpoints: list[Endpoint] = []
+        for endpoint in (self._public_endpoint, *self._configured_endpoints):
+            if endpoint is not None and endpoint not in endpoints:
+                endpoints.append(endpoint)
+        self.traversal.set_local(endpoints, self._nat)
+        own = self.membership.member(self.identity.public_key)
+        if own is not None and own.endpoints == tuple(
+            codec.canonical_endpoint(e) for e in endpoints
+        ):
+            return
+        self.membership.set_advertised_endpoints(endpoints, now)
+        self._push_endpoint_update()
+
+    def _push_endpoint_update(self) -> None:
+        own = self.membership.member(self.identity.public_key)
+        if own is None:
+            return
+        record = codec.make_record(
+            self.identity.public_key,
+            own.incarnation,
+            RecordStatus.ALIVE,
+            own.endpoints,
+            own.nat,
+            self.identity.sign,
+        )
+        for key, peer in self._peers.items():
+            address = self.traversal.route(key)
+            stats = self.device.peer_stats(peer.wireguard_key)
+            if address is None or not stats.handshake_completed:
+                continue
+            datagram = self._seal(key, EndpointUpdate(record))
+            if datagram is not None:
+                self._outbox.append((datagram, address))
+                self.counters["endpoint_updates_sent"] += 1

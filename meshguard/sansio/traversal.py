@@ -1,0 +1,1076 @@
+"""NAT traversal: the path to every member (direct, punched, relayed, unreachable).
+
+One ``Traversal`` per node keeps a path per member and the machinery that finds it:
+
+- **Direct check.** Authenticated ``PunchProbe``s to the member's advertised endpoints; the
+  first one that comes back (probe → reply) makes the path DIRECT.
+- **Hole punching.** A rendezvous member we reach directly forwards our ``PunchRequest`` to
+  the target and its ``PunchResponse`` back (adding the address it saw each side at, a fresh
+  server-reflexive candidate); then both sides probe each other's candidates at the same time.
+  A probe from an address not among the candidates (a new NAT mapping) is answered and probed
+  back at once. When only the peer's NAT maps per destination, we also probe a bounded range
+  of ports above its observed port (port prediction). The first round trip makes the path
+  PUNCHED.
+- **Relay.** When punching fails, WireGuard datagrams travel wrapped in ``RelayEnvelope``s
+  through a member that allows relaying, chosen by measured round-trip time. The device
+  sees a *virtual* endpoint for the peer (``virtual_address``), so roaming and replies need
+  no special case; ``wrap`` turns datagrams to virtual endpoints into envelopes.
+- **Upkeep.** Confirmed paths through a NAT get a probe every ``keepalive_interval``
+  (which keeps the mapping open and notices a dead path); relayed and unreachable members
+  are punched again with exponential backoff, and the device switches endpoint without a
+  new handshake.
+
+Relay wire rule: the origin seals ``RelayEnvelope(peer=destination, payload=wireguard)`` for
+the destination (pair key origin–destination) and sends that datagram as the payload of a
+``RelayEnvelope(peer=destination)`` to the relay. The relay forwards the payload unchanged as
+``RelayEnvelope(peer=origin)``. A receiver tells the two legs apart by the payload's sender
+key id: equal to ``peer`` → delivered to us (and authenticated end to end by the origin);
+otherwise → a request to relay. See ``docs/hole-punching.md``.
+
+Sans-IO: time comes in as ``now``, randomness from ``rng``; sealing and opening are injected
+by the node (they need the pair keys of the membership machine).
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import ipaddress
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from meshguard.sansio.codec import DatagramKind, classify, key_id, peek_sender
+from meshguard.sansio.errors import DecodeError, LocalProtocolError
+from meshguard.sansio.messages import (
+    Endpoint,
+    Message,
+    NatFiltering,
+    NatInfo,
+    NatMapping,
+    PunchProbe,
+    PunchRequest,
+    PunchResponse,
+    RelayEnvelope,
+)
+from meshguard.sansio.types import Address, RandomSource
+
+__all__ = [
+    "COUNTERS",
+    "PathChanged",
+    "PathInfo",
+    "PathKind",
+    "Traversal",
+    "TraversalConfig",
+    "is_virtual",
+    "virtual_address",
+]
+
+MAX_CANDIDATES = 16
+_U64 = 1 << 64
+_INF = float("inf")
+_SYMMETRIC = (NatMapping.ADDRESS_DEPENDENT, NatMapping.ADDRESS_AND_PORT_DEPENDENT)
+_FILTERING = (NatFiltering.ADDRESS_DEPENDENT, NatFiltering.ADDRESS_AND_PORT_DEPENDENT)
+VIRTUAL_PREFIX = "relay:"
+
+COUNTERS = (
+    "probes_sent",
+    "probe_replies_sent",
+    "spray_probes_sent",
+    "probe_round_trips",
+    "probe_unexpected",
+    "direct_checks",
+    "direct_found",
+    "punch_requests_sent",
+    "punch_requests_forwarded",
+    "punch_responses_forwarded",
+    "punch_started",
+    "punch_succeeded",
+    "punch_failed",
+    "punch_no_rendezvous",
+    "punch_replay",
+    "punch_unexpected",
+    "punch_refused",
+    "rendezvous_full",
+    "keepalives_sent",
+    "paths_lost",
+    "relay_chosen",
+    "relay_none",
+    "relay_wrapped",
+    "relay_wrap_failed",
+    "relay_forwarded",
+    "relay_forwarded_bytes",
+    "relay_delivered",
+    "relay_refused",
+    "relay_untrusted",
+    "relay_unreachable",
+    "relay_rate_limited",
+    "relay_bad_payload",
+)
+"""Every counter name, present from the start."""
+
+
+class PathKind(enum.Enum):
+    """How this node reaches a member."""
+
+    CONNECTING = "connecting"
+    """A check or a punch is running and nothing has answered yet."""
+    DIRECT = "direct"
+    """An advertised endpoint of the member answers."""
+    PUNCHED = "punched"
+    """A hole-punching round trip found the address."""
+    RELAYED = "relayed"
+    """WireGuard datagrams go through ``PathInfo.relay``."""
+    UNREACHABLE = "unreachable"
+    """Nothing worked; retried with backoff."""
+
+
+@dataclass(frozen=True, slots=True)
+class PathInfo:
+    """A snapshot of the path to one member.
+
+    ``endpoint`` is where datagrams go: the member's address, or the relay's when RELAYED.
+    ``rtt`` is the latest probe round trip on this path, in seconds.
+    """
+
+    kind: PathKind
+    endpoint: Address | None
+    relay: bytes | None
+    rtt: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class PathChanged:
+    """The path to a member changed kind, address or relay."""
+
+    public_key: bytes
+    path: PathInfo
+
+
+@dataclass(frozen=True, slots=True)
+class TraversalConfig:
+    """Timing and limits of path finding; the defaults suit Internet paths."""
+
+    probe_interval: float = 0.2
+    """Seconds between two rounds of probes in a check or a punch."""
+    direct_rounds: int = 5
+    """Rounds of a direct check before punching."""
+    punch_rounds: int = 15
+    """Rounds of probes once a punch is coordinated (3 s at the default interval)."""
+    response_timeout: float = 2.0
+    """How long the initiator waits for the PunchResponse through one rendezvous."""
+    rendezvous_tries: int = 2
+    """Rendezvous members tried per punch attempt."""
+    punch_defer: float = 4.0
+    """The member with the greater key waits this long for the other to start the punch."""
+    spray_ports: int = 64
+    """Port prediction: ports above a per-destination-mapping peer's observed port probed."""
+    keepalive_interval: float = 25.0
+    """Probe period on confirmed paths through a NAT (below common 30 s UDP timeouts)."""
+    keepalive_misses: int = 3
+    """Unanswered keepalives before the path counts as lost and is searched again."""
+    retry_min: float = 15.0
+    """First delay before punching again for a relayed or unreachable member..."""
+    retry_max: float = 240.0
+    """...doubling up to this."""
+    relay_rate: float = 2000.0
+    """Relayed datagrams per second accepted from one origin..."""
+    relay_burst: float = 500.0
+    """...with this burst."""
+    recent_sessions: int = 4096
+    """Punch session ids remembered against replays."""
+    rendezvous_entries: int = 1024
+    """Punches this node coordinates for others at once."""
+    rendezvous_ttl: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.probe_interval <= 0 or self.response_timeout <= 0 or self.punch_defer < 0:
+            raise LocalProtocolError("traversal intervals must be positive")
+        if min(self.direct_rounds, self.punch_rounds, self.rendezvous_tries) < 1:
+            raise LocalProtocolError("traversal rounds and tries must be at least 1")
+        if self.spray_ports < 0 or self.keepalive_misses < 1:
+            raise LocalProtocolError("spray_ports ≥ 0 and keepalive_misses ≥ 1")
+        if self.keepalive_interval <= 0 or not 0 < self.retry_min <= self.retry_max:
+            raise LocalProtocolError("keepalive and retry intervals must be positive")
+        if self.relay_rate <= 0 or self.relay_burst < 1:
+            raise LocalProtocolError("relay rate must be positive and burst at least 1")
+
+
+def virtual_address(relay: bytes, peer: bytes) -> Address:
+    """The device endpoint of ``peer`` reached through ``relay``: never a real IP address."""
+    return (f"{VIRTUAL_PREFIX}{relay.hex()}:{peer.hex()}", 0)
+
+
+def is_virtual(addr: Address) -> bool:
+    return addr[1] == 0 and addr[0].startswith(VIRTUAL_PREFIX)
+
+
+class _Purpose(enum.Enum):
+    DIRECT = "direct"
+    PUNCH = "punch"
+
+
+@dataclass(slots=True)
+class _Session:
+    """One run of probes toward ``peer`` (a direct check, or either side of a punch)."""
+
+    session_id: int
+    peer: bytes
+    purpose: _Purpose
+    targets: list[Address]
+    spray: list[Address] = field(default_factory=list)
+    rendezvous: bytes | None = None
+    tried: list[bytes] = field(default_factory=list)
+    rounds_left: int = 0
+    next_round: float | None = None
+    """When the next round of probes goes out; None while waiting for the PunchResponse."""
+    expires: float = 0.0
+    started: float = 0.0
+    pending: dict[int, tuple[float, Address]] = field(default_factory=dict)
+    scheduled: float = _INF
+
+
+@dataclass(slots=True)
+class _Path:
+    key: bytes
+    endpoints: tuple[Address, ...]
+    nat: NatInfo
+    kind: PathKind = PathKind.CONNECTING
+    endpoint: Address | None = None
+    relay: bytes | None = None
+    rtt: float | None = None
+    session: int | None = None
+    """Our own check or punch for this member (the target side's sessions are not here)."""
+    retry_at: float | None = None
+    retry_delay: float = 0.0
+    keepalive_id: int = 0
+    keepalive_at: float | None = None
+    keepalive_seq: int | None = None
+    keepalive_sent: float = 0.0
+    misses: int = 0
+    bad_relays: dict[bytes, None] = field(default_factory=dict)
+    scheduled: float = _INF
+
+    def info(self) -> PathInfo:
+        return PathInfo(self.kind, self.endpoint, self.relay, self.rtt)
+
+
+@dataclass(slots=True)
+class _Rendezvous:
+    initiator: bytes
+    initiator_address: Address
+    target: bytes
+    expires: float
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+def _address(endpoint: Endpoint) -> Address:
+    return (endpoint.host, endpoint.port)
+
+
+def _endpoint(addr: Address) -> Endpoint | None:
+    """``addr`` as a wire endpoint, or None when it is no IP literal with a valid port."""
+    host, port = addr
+    if not 1 <= port <= 0xFFFF:
+        return None
+    try:
+        return Endpoint(str(ipaddress.ip_address(host)), port)
+    except ValueError:
+        return None
+
+
+class Traversal:
+    """Paths to every member of one node (see the module docstring)."""
+
+    def __init__(
+        self,
+        own_key: bytes,
+        *,
+        config: TraversalConfig,
+        rng: RandomSource,
+        seal: Callable[[bytes, Message], bytes | None],
+        open_datagram: Callable[[bytes], tuple[bytes, Message] | None],
+        allow_relay: bool = False,
+    ) -> None:
+        """``seal(peer, message)`` makes the datagram for a trusted member (None if it
+        cannot); ``open_datagram`` authenticates one from a trusted member; ``allow_relay``
+        lets other members relay through this node."""
+        self._own = own_key
+        self._own_id = key_id(own_key)
+        self._config = config
+        self._rng = rng
+        self._seal = seal
+        self._open = open_datagram
+        self._allow_relay = allow_relay
+        self._candidates: tuple[Endpoint, ...] = ()
+        self._nat = NatInfo()
+        self._paths: dict[bytes, _Path] = {}
+        self._sessions: dict[int, _Session] = {}
+        self._recent: dict[int, None] = {}
+        self._rendezvous: dict[int, _Rendezvous] = {}
+        self._heard: dict[bytes, Address] = {}
+        self._virtual: dict[Address, tuple[bytes, bytes]] = {}
+        self._buckets: dict[bytes, _Bucket] = {}
+        self._timers: list[tuple[float, int, bytes | int]] = []
+        self._timer_order = 0
+        self._outbox: list[tuple[bytes, Address]] = []
+        self._endpoint_changes: list[tuple[bytes, Address]] = []
+        self._deliveries: list[tuple[bytes, Address]] = []
+        self._events: list[PathChanged] = []
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+
+    # ------------------------------------------------------------------ local facts
+
+    def set_local(self, candidates: Sequence[Endpoint], nat: NatInfo) -> None:
+        """Our own candidates (public mapping first, then LAN addresses) and NAT facts."""
+        self._candidates = tuple(candidates)[:MAX_CANDIDATES]
+        self._nat = nat
+
+    # ------------------------------------------------------------------ members
+
+    def add_member(
+        self, key: bytes, endpoints: Sequence[Endpoint], nat: NatInfo, now: float
+    ) -> Address | None:
+        """A member became a peer; returns the device endpoint to start with."""
+        path = self._paths.get(key)
+        if path is not None:
+            self.update_member(key, endpoints, nat, now)
+            return path.endpoint
+        addresses = tuple(_address(e) for e in endpoints)
+        path = _Path(key, addresses, nat, endpoint=addresses[0] if addresses else None)
+        path.keepalive_id = self._rng.getrandbits(64)
+        self._paths[key] = path
+        self._start_check(path, now)
+        return path.endpoint
+
+    def update_member(
+        self, key: bytes, endpoints: Sequence[Endpoint], nat: NatInfo, now: float
+    ) -> None:
+        """A member signed a new record: new endpoints (roaming) mean searching again."""
+        path = self._paths.get(key)
+        if path is None:
+            return
+        addresses = tuple(_address(e) for e in endpoints)
+        path.nat = nat
+        if addresses == path.endpoints:
+            return
+        path.endpoints = addresses
+        if path.kind is PathKind.RELAYED:
+            path.retry_delay = 0.0
+            path.retry_at = now
+            self._schedule_path(path)
+            return
+        if addresses:
+            self._set_endpoint(path, addresses[0])
+        self._cancel_own_session(path)
+        self._set_kind(path, PathKind.CONNECTING, path.endpoint, None)
+        self._start_check(path, now)
+
+    def remove_member(self, key: bytes, now: float) -> None:
+        path = self._paths.pop(key, None)
+        self._heard.pop(key, None)
+        self._buckets.pop(key, None)
+        for session_id in [s for s, v in self._sessions.items() if v.peer == key]:
+            del self._sessions[session_id]
+        if path is not None and path.relay is not None:
+            self._virtual.pop(virtual_address(path.relay, key), None)
+        for other in list(self._paths.values()):
+            if other.relay == key:
+                self._virtual.pop(virtual_address(key, other.key), None)
+                self._path_lost(other, now)
+
+    def heard(self, sender: bytes, addr: Address) -> None:
+        """An authenticated meshguard datagram from ``sender`` came from ``addr``."""
+        self._heard[sender] = addr
+
+    def on_peer_unreachable(self, key: bytes, now: float) -> None:
+        """WireGuard gave up handshaking on the current path: look for another one."""
+        path = self._paths.get(key)
+        if path is None:
+            return
+        if path.relay is not None:
+            path.bad_relays[path.relay] = None
+        self._path_lost(path, now)
+
+    def on_device_roamed(self, key: bytes, addr: Address, now: float) -> None:
+        """WireGuard moved the peer's endpoint after authenticated traffic from ``addr``."""
+        path = self._paths.get(key)
+        if path is None or (path.endpoint == addr and path.relay is None):
+            return
+        relayed = self._virtual.get(addr)
+        if relayed is not None:
+            relay = relayed[0]
+            if path.kind in (PathKind.DIRECT, PathKind.PUNCHED) and path.endpoint is not None:
+                self._set_endpoint(path, path.endpoint)
+                return
+            self._cancel_own_session(path)
+            self._set_kind(path, PathKind.RELAYED, self.route(relay), relay)
+            if path.retry_at is None:
+                self._fall_back_retry(path, now)
+            return
+        if is_virtual(addr):
+            return
+        if path.kind in (PathKind.DIRECT, PathKind.PUNCHED):
+            self._set_kind(path, path.kind, addr, None, rtt=path.rtt)
+            return
+        kind = PathKind.DIRECT if addr in path.endpoints else PathKind.PUNCHED
+        self._cancel_own_session(path)
+        self._set_kind(path, kind, addr, None)
+        self._confirmed(path, now)
+
+    # ------------------------------------------------------------------ queries
+
+    def paths(self) -> dict[bytes, PathInfo]:
+        return {key: path.info() for key, path in sorted(self._paths.items())}
+
+    def path(self, key: bytes) -> PathInfo | None:
+        path = self._paths.get(key)
+        return None if path is None else path.info()
+
+    def route(self, key: bytes) -> Address | None:
+        """Where to send a meshguard datagram to ``key`` directly (None when relayed)."""
+        path = self._paths.get(key)
+        if path is not None and path.kind in (PathKind.DIRECT, PathKind.PUNCHED):
+            return path.endpoint
+        return None
+
+    def has_virtual(self) -> bool:
+        return bool(self._virtual)
+
+    # ------------------------------------------------------------------ output
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def endpoint_changes(self) -> list[tuple[bytes, Address]]:
+        """(member, address) the device endpoint must move to, in order."""
+        out, self._endpoint_changes = self._endpoint_changes, []
+        return out
+
+    def deliveries(self) -> list[tuple[bytes, Address]]:
+        """Relayed WireGuard datagrams for the device, with the virtual source address."""
+        out, self._deliveries = self._deliveries, []
+        return out
+
+    def events(self) -> list[PathChanged]:
+        out, self._events = self._events, []
+        return out
+
+    def wrap(self, datagram: bytes, addr: Address) -> tuple[bytes, Address] | None:
+        """A device datagram for a virtual endpoint, as an envelope to the relay."""
+        route = self._virtual.get(addr)
+        relay_address = None if route is None else self.route(route[0])
+        if route is None or relay_address is None:
+            self.counters["relay_wrap_failed"] += 1
+            return None
+        relay, peer = route
+        inner = self._seal(peer, RelayEnvelope(peer, datagram))
+        outer = None if inner is None else self._seal(relay, RelayEnvelope(peer, inner))
+        if outer is None:
+            self.counters["relay_wrap_failed"] += 1
+            return None
+        self.counters["relay_wrapped"] += 1
+        return outer, relay_address
+
+    # ------------------------------------------------------------------ input
+
+    def on_message(self, sender: bytes, message: Message, addr: Address, now: float) -> bool:
+        """An authenticated traversal message from trusted ``sender``; False if not ours."""
+        if isinstance(message, PunchProbe):
+            self._on_probe(sender, message, addr, now)
+        elif isinstance(message, PunchRequest):
+            self._on_request(sender, message, addr, now)
+        elif isinstance(message, PunchResponse):
+            self._on_response(sender, message, addr, now)
+        elif isinstance(message, RelayEnvelope):
+            self._on_envelope(sender, message, now)
+        else:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ timers
+
+    def _owner(self, ref: bytes | int) -> _Path | _Session | None:
+        """The path (keyed by member) or session (keyed by id) a timer entry is for."""
+        if isinstance(ref, bytes):
+            return self._paths.get(ref)
+        return self._sessions.get(ref)
+
+    def next_deadline(self) -> float | None:
+        timers = self._timers
+        while timers:
+            at, _, ref = timers[0]
+            owner = self._owner(ref)
+            if owner is not None and owner.scheduled == at:
+                return at
+            heapq.heappop(timers)
+        return None
+
+    def on_timer(self, now: float) -> None:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            at, _, ref = heapq.heappop(timers)
+            owner = self._owner(ref)
+            if owner is None or owner.scheduled != at:
+                continue
+            owner.scheduled = _INF
+            if isinstance(owner, _Path):
+                self._tick_path(owner, now)
+                self._schedule_path(owner)
+            else:
+                self._tick_session(owner, now)
+        for session_id in [s for s, r in self._rendezvous.items() if r.expires <= now]:
+            del self._rendezvous[session_id]
+
+    def _push_timer(self, at: float, ref: bytes | int) -> None:
+        self._timer_order += 1
+        heapq.heappush(self._timers, (at, self._timer_order, ref))
+
+    def _schedule_path(self, path: _Path) -> None:
+        at = min(
+            path.retry_at if path.retry_at is not None else _INF,
+            path.keepalive_at if path.keepalive_at is not None else _INF,
+        )
+        if at < path.scheduled:
+            path.scheduled = at
+            self._push_timer(at, path.key)
+
+    def _schedule_session(self, session: _Session) -> None:
+        at = session.expires if session.next_round is None else session.next_round
+        if at != session.scheduled:
+            session.scheduled = at
+            self._push_timer(at, session.session_id)
+
+    # ------------------------------------------------------------------ path machine
+
+    def _tick_path(self, path: _Path, now: float) -> None:
+        if path.retry_at is not None and path.retry_at <= now:
+            path.retry_at = None
+            if path.session is None and path.kind not in (PathKind.DIRECT, PathKind.PUNCHED):
+                self._start_punch(path, now, defer=False)
+        if path.keepalive_at is not None and path.keepalive_at <= now:
+            path.keepalive_at = None
+            if path.kind not in (PathKind.DIRECT, PathKind.PUNCHED) or path.endpoint is None:
+                return
+            if path.keepalive_seq is not None:
+                path.misses += 1
+                if path.misses >= self._config.keepalive_misses:
+                    self.counters["paths_lost"] += 1
+                    self._path_lost(path, now)
+                    return
+            path.keepalive_seq = self._rng.getrandbits(64)
+            path.keepalive_sent = now
+            self._send(path.key, PunchProbe(path.keepalive_id, path.keepalive_seq, False),
+                       path.endpoint)
+            self.counters["keepalives_sent"] += 1
+            path.keepalive_at = now + self._config.keepalive_interval
+
+    def _needs_punch(self, path: _Path) -> bool:
+        """The peer's NAT filters and we are behind one too: probing it alone is futile."""
+        peer = path.nat
+        peer_filters = peer.filtering in _FILTERING or peer.mapping in _SYMMETRIC
+        return peer_filters and self._nat.mapping is not NatMapping.NONE
+
+    def _start_check(self, path: _Path, now: float) -> None:
+        if path.session is not None:
+            return
+        targets = list(path.endpoints)
+        if path.endpoint is not None and path.endpoint not in targets and not is_virtual(
+            path.endpoint
+        ):
+            targets.append(path.endpoint)
+        if not targets or self._needs_punch(path):
+            self._start_punch(path, now, defer=True)
+            return
+        session = self._new_session(path.key, _Purpose.DIRECT, targets, now)
+        session.rounds_left = self._config.direct_rounds
+        session.next_round = now
+        path.session = session.session_id
+        self.counters["direct_checks"] += 1
+        self._tick_session(session, now)
+
+    def _check_reflexive(self, path: _Path, addr: Address, now: float) -> None:
+        """The member probed us from ``addr`` while we have no path: probe back there.
+
+        Its NAT just opened a mapping toward us, so this usually completes at once; it also
+        settles asymmetric views (it found us, we did not find it).
+        """
+        if path.session is not None:
+            session = self._sessions.get(path.session)
+            if session is not None and session.next_round is None and not session.targets:
+                return
+            self._cancel_own_session(path)
+        session = self._new_session(path.key, _Purpose.DIRECT, [addr], now)
+        session.rounds_left = self._config.direct_rounds
+        session.next_round = now
+        path.session = session.session_id
+        self._tick_session(session, now)
+
+    def _start_punch(self, path: _Path, now: float, *, defer: bool) -> None:
+        """Punch through a rendezvous; with ``defer``, the greater key lets the other start."""
+        if path.session is not None:
+            return
+        if defer and self._own > path.key:
+            path.retry_at = now + self._config.punch_defer
+            self._schedule_path(path)
+            return
+        session = self._new_session(path.key, _Purpose.PUNCH, [], now)
+        path.session = session.session_id
+        self._ask_rendezvous(path, session, now)
+
+    def _ask_rendezvous(self, path: _Path, session: _Session, now: float) -> None:
+        rendezvous = self._choose_rendezvous(path.key, session.tried)
+        if rendezvous is None or len(session.tried) >= self._config.rendezvous_tries:
+            if rendezvous is None:
+                self.counters["punch_no_rendezvous"] += 1
+            self._session_failed(session, now)
+            return
+        session.tried.append(rendezvous)
+        session.rendezvous = rendezvous
+        session.next_round = None
+        session.expires = now + self._config.response_timeout
+        address = self.route(rendezvous)
+        assert address is not None
+        request = PunchRequest(session.session_id, self._own, path.key, self._candidates)
+        self._send(rendezvous, request, address)
+        self.counters["punch_requests_sent"] += 1
+        self._schedule_session(session)
+
+    def _choose_rendezvous(self, target: bytes, tried: Sequence[bytes]) -> bytes | None:
+        """A member we reach directly, public ones first, then by round-trip time."""
+        best: tuple[bool, float, bytes] | None = None
+        for key, path in self._paths.items():
+            if key == target or key in tried or path.kind is not PathKind.DIRECT:
+                continue
+            rank = (path.nat.mapping is not NatMapping.NONE, path.rtt or _INF, key)
+            if best is None or rank < best:
+                best = rank
+        return None if best is None else best[2]
+
+    def _choose_relay(self, path: _Path) -> bytes | None:
+        """A member that relays and that we reach without a relay, by round-trip time."""
+        best: tuple[float, bytes] | None = None
+        for key, other in self._paths.items():
+            if (
+                key == path.key
+                or key in path.bad_relays
+                or not other.nat.allows_relay
+                or other.kind not in (PathKind.DIRECT, PathKind.PUNCHED)
+            ):
+                continue
+            rank = (other.rtt if other.rtt is not None else _INF, key)
+            if best is None or rank < best:
+                best = rank
+        return None if best is None else best[1]
+
+    def _path_lost(self, path: _Path, now: float) -> None:
+        """The path stopped working: search again from the start."""
+        self._cancel_own_session(path)
+        path.keepalive_at = None
+        path.keepalive_seq = None
+        path.misses = 0
+        if path.relay is not None:
+            self._virtual.pop(virtual_address(path.relay, path.key), None)
+        endpoint = path.endpoints[0] if path.endpoints else None
+        if endpoint is not None:
+            self._set_endpoint(path, endpoint)
+        self._set_kind(path, PathKind.CONNECTING, endpoint, None)
+        path.retry_at = None
+        self._start_check(path, now)
+
+    def _fall_back_retry(self, path: _Path, now: float) -> None:
+        """Punch again later, each time waiting twice as long (with jitter)."""
+        delay = path.retry_delay
+        path.retry_delay = min(self._config.retry_max, max(self._config.retry_min, 2 * delay))
+        path.retry_at = now + path.retry_delay * self._rng.uniform(0.8, 1.0)
+        self._schedule_path(path)
+
+    def _fall_back(self, path: _Path, now: float) -> None:
+        """Punching failed: relay if anyone can, and try again later either way."""
+        self._fall_back_retry(path, now)
+        if (
+            path.kind is PathKind.RELAYED
+            and path.relay is not None
+            and self.route(path.relay) is not None
+        ):
+            return
+        relay = self._choose_relay(path)
+        if relay is None:
+            self.counters["relay_none"] += 1
+            self._set_kind(path, PathKind.UNREACHABLE, path.endpoint, None)
+            return
+        self.counters["relay_chosen"] += 1
+        virtual = virtual_address(relay, path.key)
+        self._virtual[virtual] = (relay, path.key)
+        self._endpoint_changes.append((path.key, virtual))
+        self._set_kind(path, PathKind.RELAYED, self.route(relay), relay)
+
+    def _confirmed(self, path: _Path, now: float) -> None:
+        """A working non-relayed path: stop retrying, keep the NAT mapping open."""
+        path.retry_at = None
+        path.retry_delay = 0.0
+        path.misses = 0
+        path.keepalive_seq = None
+        path.bad_relays.clear()
+        path.keepalive_at = now + self._config.keepalive_interval if self._keeps_alive(
+            path
+        ) else None
+        self._schedule_path(path)
+
+    def _keeps_alive(self, path: _Path) -> bool:
+        """Whether we send the keepalives of this path: the side behind a NAT does; when
+        both are (or may be), the smaller key."""
+        own_public = self._nat.mapping is NatMapping.NONE
+        peer_public = path.nat.mapping is NatMapping.NONE
+        if own_public and peer_public:
+            return False
+        if own_public != peer_public:
+            return not own_public
+        return self._own < path.key
+
+    def _set_endpoint(self, path: _Path, addr: Address) -> None:
+        self._endpoint_changes.append((path.key, addr))
+
+    def _set_kind(
+        self,
+        path: _Path,
+        kind: PathKind,
+        endpoint: Address | None,
+        relay: bytes | None,
+        *,
+        rtt: float | None = None,
+    ) -> None:
+        if path.relay is not None and path.relay != relay:
+            self._virtual.pop(virtual_address(path.relay, path.key), None)
+        before = path.info()
+        path.kind, path.endpoint, path.relay, path.rtt = kind, endpoint, relay, rtt
+        if (before.kind, before.endpoint, before.relay) != (kind, endpoint, relay):
+            self._events.append(PathChanged(path.key, path.info()))
+
+    # ------------------------------------------------------------------ sessions
+
+    def _new_session(
+        self, peer: bytes, purpose: _Purpose, targets: list[Address], now: float
+    ) -> _Session:
+        session_id = self._rng.getrandbits(64)
+        while session_id in self._sessions or session_id == 0:
+            session_id = self._rng.getrandbits(64)
+        session = _Session(session_id, peer, purpose, targets, started=now, expires=now)
+        self._sessions[session_id] = session
+        self._remember(session_id)
+        return session
+
+    def _remember(self, session_id: int) -> None:
+        self._recent[session_id] = None
+        if len(self._recent) > self._config.recent_sessions:
+            del self._recent[next(iter(self._recent))]
+
+    def _cancel_own_session(self, path: _Path) -> None:
+        if path.session is not None:
+            self._sessions.pop(path.session, None)
+            path.session = None
+
+    def _start_probing(self, session: _Session, candidates: Sequence[Endpoint], now: float) -> None:
+        path = self._paths[session.peer]
+        targets: list[Address] = []
+        for candidate in candidates:
+            addr = _address(candidate)
+            if addr not in targets:
+                targets.append(addr)
+        session.targets = targets
+        session.spray = self._spray(path, targets)
+        session.rounds_left = self._config.punch_rounds
+        session.next_round = now
+        self.counters["punch_started"] += 1
+        self._tick_session(session, now)
+
+    def _spray(self, path: _Path, targets: list[Address]) -> list[Address]:
+        """Port prediction toward a peer whose NAT maps per destination (we do not)."""
+        if (
+            not targets
+            or path.nat.mapping not in _SYMMETRIC
+            or self._nat.mapping in _SYMMETRIC
+            or not self._config.spray_ports
+        ):
+            return []
+        host, port = targets[0]
+        return [
+            (host, p)
+            for p in range(port + 1, min(port + 1 + self._config.spray_ports, 0x10000))
+            if (host, p) not in targets
+        ]
+
+    def _tick_session(self, session: _Session, now: float) -> None:
+        if session.next_round is not None and session.next_round <= now:
+            self._probe_round(session, now)
+        if session.next_round is None and session.expires <= now:
+            if session.purpose is _Purpose.PUNCH and not session.targets and session.rendezvous:
+                path = self._paths.get(session.peer)
+                if path is not None and path.session == session.session_id:
+                    self._ask_rendezvous(path, session, now)
+                    return
+            self._session_failed(session, now)
+            return
+        if session.session_id in self._sessions:
+            self._schedule_session(session)
+
+    def _probe_round(self, session: _Session, now: float) -> None:
+        for addr in session.targets:
+            self._probe(session, addr, now)
+        if session.spray:
+            share = -(-len(session.spray) // max(1, session.rounds_left))
+            for addr in session.spray[:share]:
+                self._probe(session, addr, now)
+                self.counters["spray_probes_sent"] += 1
+            del session.spray[:share]
+        session.rounds_left -= 1
+        if session.rounds_left > 0:
+            session.next_round = now + self._config.probe_interval
+        else:
+            session.next_round = None
+            session.expires = now + 2 * self._config.probe_interval
+
+    def _probe(self, session: _Session, addr: Address, now: float) -> None:
+        seq = self._rng.getrandbits(64)
+        session.pending[seq] = (now, addr)
+        self._send(session.peer, PunchProbe(session.session_id, seq, False), addr)
+        self.counters["probes_sent"] += 1
+
+    def _session_failed(self, session: _Session, now: float) -> None:
+        self._sessions.pop(session.session_id, None)
+        path = self._paths.get(session.peer)
+        if path is None:
+            return
+        own = path.session == session.session_id
+        if own:
+            path.session = None
+        if path.kind in (PathKind.DIRECT, PathKind.PUNCHED):
+            return
+        if session.purpose is _Purpose.DIRECT:
+            self._start_punch(path, now, defer=True)
+            return
+        self.counters["punch_failed"] += 1
+        if own or path.session is None:
+            self._fall_back(path, now)
+
+    def _succeeded(self, session: _Session, addr: Address, rtt: float, now: float) -> None:
+        path = self._paths.get(session.peer)
+        self._sessions.pop(session.session_id, None)
+        if path is None:
+            return
+        self.counters["probe_round_trips"] += 1
+        if addr in path.endpoints and (
+            session.purpose is _Purpose.DIRECT or path.nat.mapping is NatMapping.NONE
+        ):
+            kind = PathKind.DIRECT
+            self.counters["direct_found"] += 1
+        else:
+            kind = PathKind.PUNCHED
+            self.counters["punch_succeeded"] += 1
+        for other in [s for s in self._sessions.values() if s.peer == session.peer]:
+            del self._sessions[other.session_id]
+        path.session = None
+        self._set_endpoint(path, addr)
+        self._set_kind(path, kind, addr, None, rtt=rtt)
+        self._confirmed(path, now)
+
+    # ------------------------------------------------------------------ messages
+
+    def _send(self, peer: bytes, message: Message, addr: Address) -> None:
+        datagram = self._seal(peer, message)
+        if datagram is not None:
+            self._outbox.append((datagram, addr))
+
+    def _on_probe(self, sender: bytes, probe: PunchProbe, addr: Address, now: float) -> None:
+        path = self._paths.get(sender)
+        if path is None:
+            self.counters["probe_unexpected"] += 1
+            return
+        if not probe.reply:
+            self._send(sender, PunchProbe(probe.session, probe.seq, True), addr)
+            self.counters["probe_replies_sent"] += 1
+            probing = False
+            for session in self._sessions.values():
+                if session.peer == sender and session.next_round is not None:
+                    probing = True
+                    if addr not in session.targets:
+                        session.targets.append(addr)
+                        self._probe(session, addr, now)
+            if not probing and path.kind not in (PathKind.DIRECT, PathKind.PUNCHED):
+                self._check_reflexive(path, addr, now)
+            return
+        if probe.session == path.keepalive_id and probe.seq == path.keepalive_seq:
+            path.keepalive_seq = None
+            path.misses = 0
+            path.rtt = now - path.keepalive_sent
+            return
+        found = self._sessions.get(probe.session)
+        sent = None if found is None else found.pending.pop(probe.seq, None)
+        if found is None or found.peer != sender or sent is None:
+            self.counters["probe_unexpected"] += 1
+            return
+        self._succeeded(found, sent[1], now - sent[0], now)
+
+    def _on_request(self, sender: bytes, request: PunchRequest, addr: Address, now: float) -> None:
+        if request.target == self._own:
+            path = self._paths.get(request.initiator)
+            if path is None or request.initiator == self._own:
+                self.counters["punch_refused"] += 1
+                return
+            if request.session in self._recent:
+                self.counters["punch_replay"] += 1
+                return
+            self._remember(request.session)
+            response = PunchResponse(
+                request.session, request.initiator, self._own, self._candidates
+            )
+            self._send(sender, response, addr)
+            session = _Session(
+                request.session, request.initiator, _Purpose.PUNCH, [], started=now, expires=now
+            )
+            self._sessions[request.session] = session
+            self._start_probing(session, request.candidates, now)
+            return
+        if request.initiator != sender or request.target == sender:
+            self.counters["punch_refused"] += 1
+            return
+        target = self._paths.get(request.target)
+        target_address = None if target is None else self._reach(request.target)
+        if target_address is None:
+            self.counters["punch_refused"] += 1
+            return
+        if request.session in self._rendezvous or request.session in self._recent:
+            self.counters["punch_replay"] += 1
+            return
+        if len(self._rendezvous) >= self._config.rendezvous_entries:
+            self.counters["rendezvous_full"] += 1
+            return
+        self._remember(request.session)
+        self._rendezvous[request.session] = _Rendezvous(
+            sender, addr, request.target, now + self._config.rendezvous_ttl
+        )
+        forwarded = PunchRequest(
+            request.session, sender, request.target, _with_observed(addr, request.candidates)
+        )
+        self._send(request.target, forwarded, target_address)
+        self.counters["punch_requests_forwarded"] += 1
+
+    def _on_response(
+        self, sender: bytes, response: PunchResponse, addr: Address, now: float
+    ) -> None:
+        if response.initiator == self._own:
+            session = self._sessions.get(response.session)
+            if (
+                session is None
+                or session.purpose is not _Purpose.PUNCH
+                or session.peer != response.target
+                or session.next_round is not None
+                or session.targets
+                or sender not in (session.rendezvous, response.target)
+            ):
+                self.counters["punch_unexpected"] += 1
+                return
+            self._start_probing(session, response.candidates, now)
+            return
+        entry = self._rendezvous.get(response.session)
+        if (
+            entry is None
+            or response.target != sender
+            or entry.target != sender
+            or entry.initiator != response.initiator
+        ):
+            self.counters["punch_unexpected"] += 1
+            return
+        del self._rendezvous[response.session]
+        forwarded = PunchResponse(
+            response.session,
+            response.initiator,
+            sender,
+            _with_observed(addr, response.candidates),
+        )
+        self._send(entry.initiator, forwarded, entry.initiator_address)
+        self.counters["punch_responses_forwarded"] += 1
+
+    def _reach(self, key: bytes) -> Address | None:
+        """Where a member is reached without a relay: its confirmed path, else last heard."""
+        return self.route(key) or self._heard.get(key)
+
+    def _on_envelope(self, sender: bytes, envelope: RelayEnvelope, now: float) -> None:
+        payload = envelope.payload
+        try:
+            payload_sender = peek_sender(payload)
+        except DecodeError:
+            self.counters["relay_bad_payload"] += 1
+            return
+        if payload_sender == key_id(envelope.peer):
+            self._deliver(sender, envelope)
+        elif payload_sender == key_id(sender):
+            self._forward(sender, envelope, now)
+        else:
+            self.counters["relay_bad_payload"] += 1
+
+    def _deliver(self, relay: bytes, envelope: RelayEnvelope) -> None:
+        origin = envelope.peer
+        opened = self._open(envelope.payload) if origin in self._paths else None
+        if opened is None:
+            self.counters["relay_untrusted"] += 1
+            return
+        inner_sender, inner = opened
+        if (
+            inner_sender != origin
+            or not isinstance(inner, RelayEnvelope)
+            or inner.peer != self._own
+            or classify(inner.payload) is not DatagramKind.WIREGUARD
+        ):
+            self.counters["relay_bad_payload"] += 1
+            return
+        virtual = virtual_address(relay, origin)
+        self._virtual[virtual] = (relay, origin)
+        self._deliveries.append((inner.payload, virtual))
+        self.counters["relay_delivered"] += 1
+
+    def _forward(self, origin: bytes, envelope: RelayEnvelope, now: float) -> None:
+        if not self._allow_relay:
+            self.counters["relay_refused"] += 1
+            return
+        destination = envelope.peer
+        if destination not in self._paths or destination == origin:
+            self.counters["relay_untrusted"] += 1
+            return
+        address = self.route(destination)
+        if address is None:
+            self.counters["relay_unreachable"] += 1
+            return
+        if not self._take_token(origin, now):
+            self.counters["relay_rate_limited"] += 1
+            return
+        self._send(destination, RelayEnvelope(origin, envelope.payload), address)
+        self.counters["relay_forwarded"] += 1
+        self.counters["relay_forwarded_bytes"] += len(envelope.payload)
+
+    def _take_token(self, origin: bytes, now: float) -> bool:
+        config = self._config
+        bucket = self._buckets.get(origin)
+        if bucket is None:
+            bucket = self._buckets[origin] = _Bucket(config.relay_burst, now)
+        bucket.tokens = min(
+            config.relay_burst, bucket.tokens + (now - bucket.updated) * config.relay_rate
+        )
+        bucket.updated = now
+        if bucket.tokens < 1:
+            return False
+        bucket.tokens -= 1
+        return True
+
+
+def _with_observed(addr: Address, candidates: Sequence[Endpoint]) -> tuple[Endpoint, ...]:
+    """Candidates with the address a rendezvous saw the sender at first (if new)."""
+    observed = _endpoint(addr)
+    if observed is None or observed in candidates:
+        return tuple(candidates)[:MAX_CANDIDATES]
+    return (observed, *candidates)[:MAX_CANDIDATES]
