@@ -103,13 +103,19 @@ def wireguard_go(seconds: float) -> tuple[float, float]:
         return tunnel_run(a, b, right.ipv4, seconds, left.process, right.process)
 
 
-def meshguard(seconds: float, directory: Path) -> tuple[float, float, int]:
+def meshguard(
+    seconds: float, directory: Path, extra_args: tuple[str, ...] = ()
+) -> tuple[float, float, int]:
     """Throughput, CPU µs per segment, and the larger daemon VmRSS (KiB) after the run."""
     with Lab(prefix="mgb") as lab:
         a, b = lab.namespace("a"), lab.namespace("b")
         lab.link(a, b, f"{A_UNDERLAY}/24", f"{B_UNDERLAY}/24")
-        left = MeshguardNode(a, directory / f"a{lab.suffix}", A_UNDERLAY)
-        right = MeshguardNode(b, directory / f"b{lab.suffix}", B_UNDERLAY)
+        left = MeshguardNode(
+            a, directory / f"a{lab.suffix}", A_UNDERLAY, extra_args=list(extra_args)
+        )
+        right = MeshguardNode(
+            b, directory / f"b{lab.suffix}", B_UNDERLAY, extra_args=list(extra_args)
+        )
         left.start([right.as_peer()])
         right.start([left.as_peer()])
         bits, cpu = tunnel_run(a, b, right.ipv4, seconds, left.process, right.process)
@@ -157,6 +163,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument(
+        "--with-plain",
+        action="store_true",
+        help="also run meshguard with --no-offload (no TUN/UDP offloads), for comparison",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_dataplane: needs root (network namespaces, TUN)", file=sys.stderr)
@@ -180,6 +191,13 @@ def main() -> int:
                 f"meshguard {mg_cpu:.1f} µs)",
                 flush=True,
             )
+            if args.with_plain:
+                plain, plain_cpu, _ = meshguard(args.seconds, Path(tmp), ("--no-offload",))
+                print(
+                    f"run {run}: meshguard --no-offload {_gbit(plain)}  "
+                    f"(CPU per segment, both ends: {plain_cpu:.1f} µs)",
+                    flush=True,
+                )
     if args.runs > 1:
         for name in ("veth", "wireguard-go", "meshguard"):
             best, median = max(results[name]), statistics.median(results[name])
