@@ -69,6 +69,37 @@ def test_partition_heals_into_one_mesh(results: dict[str, sim.Result]) -> None:
     assert 360 < summary["final_convergence_at"] < 360 + 120
 
 
+EVERY_FEATURE = """
+duration: 90
+nodes: {groups: [{name: a, count: 4}, {name: b, count: 4}], seeds: 2, join_spread: 3}
+network:
+  access: {latency: {dist: uniform, min: 0.001, max: 0.004}, duplicate: 0.02, reorder: 0.05}
+  inter: {latency: {dist: lognormal, min: 0.02, mean: 0.03}, bandwidth: 10000000, loss: 0.01}
+events:
+  - {at: 10, crash: {fraction: 0.25, restart_after: 20}}
+  - {at: 15, join: {count: 2, group: b}}
+  - {at: 20, partition: {name: p, a: [a], b: [b-1], one_way: true}}
+  - {at: 25, loss: {loss: 0.05, between: [a, b]}}
+  - {at: 30, leave: {count: 1, group: a}}
+  - {at: 40, heal: p}
+"""
+
+
+def test_every_feature_is_deterministic_across_processes(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.yaml"
+    path.write_text(EVERY_FEATURE)
+    first = sim.run(sim.load_scenario(path), seed=3)
+    assert first.trace_hash == sim.run(sim.load_scenario(path), seed=3).trace_hash
+    for run in range(2):
+        done = subprocess.run(
+            [sys.executable, "-m", "sim", str(path), "--seed", "3", "--quiet",
+             "--out", str(tmp_path / f"out{run}")],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+            env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": str(run + 7)})
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[-1] == f"seed 3  trace {first.trace_hash}"
+
+
 def test_same_seed_same_hash_in_process_and_in_fresh_processes(tmp_path: Path) -> None:
     scenario = sim.load_scenario(ROOT / "scenarios" / "smoke-5.yaml")
     first = sim.run(scenario, seed=11)
