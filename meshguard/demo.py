@@ -208,17 +208,14 @@ class Demo:
 
     def _banner(self) -> None:
         count = self.node_count
-        wan_nodes = [f"n{i}" for i in range(1, count)]
         print(f"meshguard demo: {count} nodes, each a network namespace running meshguard run")
         print()
-        for index, name in enumerate(wan_nodes):
-            joint = "┬" if index == 0 else "┤"
-            print(f"  {name:<4}{WAN_PREFIX}.{10 + index + 1:<5} ──{joint}")
-        print(f"                          ├── WAN (a bridge)   seed: n1 {WAN_PREFIX}.11:{PORT}")
-        print(
-            f"  NAT box {NAT_WAN_ADDRESS:<13} ──┘  masquerade ── n{count} "
-            f"{NAT_LAN_PREFIX}.2 (behind the NAT)"
-        )
+        for index in range(1, count):
+            joint = f"┬── WAN (a bridge); every node's seed is n1 {WAN_PREFIX}.11:{PORT}"
+            address = f"{WAN_PREFIX}.{10 + index}"
+            print(f"  n{index:<7} {address:<12} ──{joint if index == 1 else '┤'}")
+        print(f"  {'NAT box':<8} {NAT_WAN_ADDRESS:<12} ──┘")
+        print(f"    └─ masquerade ── n{count} {NAT_LAN_PREFIX}.2 (a LAN behind the NAT)")
         print()
         print(f"namespaces: {self.pattern}  (Ctrl-C stops the demo and removes them)", flush=True)
 
