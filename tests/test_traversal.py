@@ -1,0 +1,554 @@
+"""NAT traversal between real ``Node`` cores on an in-memory network with simple NAT boxes.
+
+The network is hand-driven with an explicit clock. A ``NatBox`` models what matters here:
+endpoint-independent mapping with port-restricted filtering (most home routers) or
+endpoint-dependent ("symmetric") mapping that allocates ports sequentially or at random,
+mapping timeouts, and no hairpinning. Node 0 is a public member that answers STUN and may
+relay; the others sit behind NATs, learn their public mapping from node 0 and find paths
+to each other: punched, predicted (many probes), relayed, upgraded, roamed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import heapq
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pytest
+
+from meshguard.identity.keys import Identity
+from meshguard.identity.meshaddr import mesh_ipv4
+from meshguard.sansio.codec import seal
+from meshguard.sansio.errors import LocalProtocolError
+from meshguard.sansio.messages import (
+    Endpoint,
+    NatFiltering,
+    NatInfo,
+    NatMapping,
+    PunchProbe,
+    PunchRequest,
+    RelayEnvelope,
+)
+from meshguard.sansio.node import Node, NodeConfig
+from meshguard.sansio.swim_config import SwimConfig
+from meshguard.sansio.traversal import (
+    PathChanged,
+    PathKind,
+    TraversalConfig,
+    is_virtual,
+    virtual_address,
+)
+from meshguard.sansio.types import Address
+from meshguard.sansio.wireguard import HandshakeCompleted
+from tests.test_node import ipv4_udp_packet
+
+PORT = 51821
+PUBLIC = NatInfo(mapping=NatMapping.NONE, filtering=NatFiltering.ENDPOINT_INDEPENDENT)
+PORT_RESTRICTED = NatInfo(
+    mapping=NatMapping.ENDPOINT_INDEPENDENT, filtering=NatFiltering.ADDRESS_AND_PORT_DEPENDENT
+)
+SYMMETRIC = NatInfo(
+    mapping=NatMapping.ADDRESS_AND_PORT_DEPENDENT,
+    filtering=NatFiltering.ADDRESS_AND_PORT_DEPENDENT,
+)
+
+
+@dataclass
+class NatBox:
+    """One NAT: ``symmetric`` maps per destination, else one mapping per inside address.
+
+    Filtering is port-restricted either way: an inbound datagram passes only if the mapping
+    sent to exactly that address and port within ``timeout``.
+    """
+
+    public_ip: str
+    symmetric: bool = False
+    random_ports: bool = False
+    timeout: float = 30.0
+    next_port: int = 40000
+    rng: random.Random = field(default_factory=lambda: random.Random(5))
+    mappings: dict[tuple[Address, Address | None], int] = field(default_factory=dict)
+    inside_of: dict[int, Address] = field(default_factory=dict)
+    allowed: dict[tuple[int, Address], float] = field(default_factory=dict)
+
+    def outbound(self, inside: Address, destination: Address, now: float) -> Address:
+        key = (inside, destination if self.symmetric else None)
+        port = self.mappings.get(key)
+        if port is None:
+            if self.random_ports:
+                port = self.rng.randrange(1024, 65536)
+                while port in self.inside_of:
+                    port = self.rng.randrange(1024, 65536)
+            else:
+                port = self.next_port
+                self.next_port += 1
+            self.mappings[key] = port
+            self.inside_of[port] = inside
+        self.allowed[(port, destination)] = now + self.timeout
+        return (self.public_ip, port)
+
+    def inbound(self, port: int, source: Address, now: float) -> Address | None:
+        if self.allowed.get((port, source), -1.0) < now:
+            return None
+        self.allowed[(port, source)] = now + self.timeout
+        return self.inside_of.get(port)
+
+
+class Net:
+    """Nodes on the Internet or behind NAT boxes, 10 ms one way, an explicit clock."""
+
+    def __init__(
+        self,
+        nats: Sequence[NatInfo | NatBox | None],
+        *,
+        traversal: TraversalConfig | None = None,
+    ) -> None:
+        self.now = 0.0
+        self.latency = 0.01
+        self.boxes: dict[str, NatBox] = {}
+        self.where: list[Address] = []
+        self.box_of: list[NatBox | None] = []
+        self.nodes: list[Node] = []
+        self.events: list[list[object]] = []
+        self.received: list[list[bytes]] = []
+        self.sent_by: list[list[tuple[bytes, Address]]] = []
+        self.blocked: set[frozenset[str]] = set()
+        self.in_flight: list[tuple[float, int, bytes, Address, Address]] = []
+        self.order = 0
+        self.identities = [
+            Identity.from_seed(hashlib.sha256(f"traversal:{i}".encode()).digest())
+            for i in range(len(nats))
+        ]
+        self.keys = [i.public_key for i in self.identities]
+        for i, nat in enumerate(nats):
+            if nat is None:
+                self.where.append((f"198.51.100.{i + 1}", PORT))
+                self.box_of.append(None)
+            else:
+                box = nat if isinstance(nat, NatBox) else NatBox(f"203.0.113.{i + 1}")
+                self.boxes[box.public_ip] = box
+                self.where.append((f"10.{i}.0.2", PORT))
+                self.box_of.append(box)
+        config = traversal or TraversalConfig()
+        for i, nat in enumerate(nats):
+            public = nat is None
+            nat_info = PUBLIC if public else (
+                SYMMETRIC if isinstance(nat, NatBox) and nat.symmetric else PORT_RESTRICTED
+            )
+            if isinstance(nat, NatInfo):
+                nat_info = nat
+            self.nodes.append(
+                Node(
+                    self.identities[i],
+                    config=NodeConfig(
+                        swim=SwimConfig.lan(),
+                        stun_servers=() if public else (self.where[0],),
+                        nat=nat_info,
+                        allow_relay=public,
+                        traversal=config,
+                    ),
+                    trusted_keys=self.keys,
+                    advertised_endpoints=[Endpoint(*self.where[i])],
+                    rng=random.Random(i),
+                    entropy=random.Random(f"entropy:{i}").randbytes,
+                    wallclock=lambda: 1_800_000_000.0 + self.now,
+                    now=0.0,
+                )
+            )
+            self.events.append([])
+            self.received.append([])
+            self.sent_by.append([])
+        for i in range(len(nats)):
+            self.flush(i)
+
+    def flush(self, index: int) -> None:
+        node = self.nodes[index]
+        for data, destination in node.datagrams_to_send():
+            assert not is_virtual(destination), "a virtual address reached the network"
+            self.sent_by[index].append((data, destination))
+            source = self.where[index]
+            box = self.box_of[index]
+            if box is not None:
+                source = box.outbound(source, destination, self.now)
+            self.order += 1
+            heapq.heappush(
+                self.in_flight, (self.now + self.latency, self.order, data, source, destination)
+            )
+        self.received[index].extend(node.tun_packets())
+        self.events[index].extend(node.events())
+
+    def _receiver(self, source: Address, destination: Address) -> tuple[int, Address] | None:
+        if frozenset((source[0], destination[0])) in self.blocked:
+            return None
+        box = self.boxes.get(destination[0])
+        if box is not None and source[0] == box.public_ip:
+            return None
+        if box is not None:
+            inside = box.inbound(destination[1], source, self.now)
+            if inside is None:
+                return None
+            destination = inside
+        for index, where in enumerate(self.where):
+            if where == destination and (box is None) == (self.box_of[index] is None):
+                return index, source
+        return None
+
+    def run_until(self, end: float) -> None:
+        while True:
+            deadlines = [
+                (deadline, i)
+                for i, node in enumerate(self.nodes)
+                if (deadline := node.next_deadline()) is not None
+            ]
+            next_timer = min(deadlines, default=(float("inf"), -1))
+            next_datagram = self.in_flight[0][0] if self.in_flight else float("inf")
+            moment = min(next_timer[0], next_datagram)
+            if moment > end:
+                self.now = end
+                return
+            self.now = max(self.now, moment)
+            if next_datagram <= next_timer[0]:
+                _, _, data, source, destination = heapq.heappop(self.in_flight)
+                found = self._receiver(source, destination)
+                if found is None:
+                    continue
+                index, source = found
+                self.nodes[index].receive_datagram(data, source, self.now)
+                self.flush(index)
+            else:
+                self.nodes[next_timer[1]].on_timer(self.now)
+                self.flush(next_timer[1])
+
+    def join_all(self) -> None:
+        for i in range(1, len(self.nodes)):
+            self.nodes[i].join([self.where[0]], self.now)
+            self.flush(i)
+
+    def send(self, source: int, destination: int, payload: bytes) -> None:
+        packet = ipv4_udp_packet(
+            mesh_ipv4(self.keys[source]), mesh_ipv4(self.keys[destination]), payload
+        )
+        self.nodes[source].send_packets([packet], self.now)
+        self.flush(source)
+
+    def exchange(self, a: int, b: int, tag: bytes) -> bool:
+        """Both ways, one packet each; whether both arrived within two seconds."""
+        self.send(a, b, tag + b"-ab")
+        self.send(b, a, tag + b"-ba")
+        self.run_until(self.now + 2.0)
+        return any(p.endswith(tag + b"-ab") for p in self.received[b]) and any(
+            p.endswith(tag + b"-ba") for p in self.received[a]
+        )
+
+    def path(self, a: int, b: int) -> PathKind:
+        return self.nodes[a].paths()[self.keys[b]].kind
+
+    def first_change(self, a: int, b: int, kind: PathKind) -> float | None:
+        """When ``a`` first reported ``kind`` toward ``b`` (from the recorded events)."""
+        return next(
+            (
+                at
+                for at, event in self.timed_events[a]
+                if isinstance(event, PathChanged)
+                and event.public_key == self.keys[b]
+                and event.path.kind is kind
+            ),
+            None,
+        )
+
+    timed_events: list[list[tuple[float, object]]]
+
+
+class TimedNet(Net):
+    """``Net`` that also records when each event came out."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.timed_events = []
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def flush(self, index: int) -> None:
+        while len(self.timed_events) <= index:
+            self.timed_events.append([])
+        before = len(self.events[index]) if index < len(self.events) else 0
+        super().flush(index)
+        for event in self.events[index][before:]:
+            self.timed_events[index].append((self.now, event))
+
+
+def counter(net: Net, index: int, name: str) -> int:
+    return net.nodes[index].traversal.counters[name]
+
+
+def test_port_restricted_nats_are_punched_through_a_public_rendezvous() -> None:
+    net = TimedNet([None, NatBox("203.0.113.2"), NatBox("203.0.113.3")])
+    net.join_all()
+    net.run_until(15.0)
+    assert net.path(1, 2) is PathKind.PUNCHED
+    assert net.path(2, 1) is PathKind.PUNCHED
+    assert net.path(1, 0) is PathKind.DIRECT
+    punched_at = net.first_change(1, 2, PathKind.PUNCHED)
+    assert punched_at is not None and punched_at < 10.0
+    path = net.nodes[1].paths()[net.keys[2]]
+    assert path.endpoint is not None and path.endpoint[0] == "203.0.113.3"
+    assert path.rtt is not None and 0.02 <= path.rtt < 0.5
+    assert counter(net, 0, "punch_requests_forwarded") >= 1
+    assert net.exchange(1, 2, b"punched")
+    assert counter(net, 0, "relay_forwarded") == 0
+    wireguard_key = net.nodes[1].wireguard_key_of(net.keys[2])
+    assert net.nodes[1].device.peer_stats(wireguard_key).endpoint == path.endpoint
+
+
+def test_punched_mappings_are_kept_alive_beyond_the_nat_timeout() -> None:
+    net = Net([None, NatBox("203.0.113.2"), NatBox("203.0.113.3")])
+    net.join_all()
+    net.run_until(15.0)
+    assert net.path(1, 2) is PathKind.PUNCHED
+    net.run_until(200.0)
+    assert net.path(1, 2) is PathKind.PUNCHED
+    assert counter(net, 1, "paths_lost") + counter(net, 2, "paths_lost") == 0
+    assert counter(net, 1, "keepalives_sent") + counter(net, 2, "keepalives_sent") >= 6
+    assert net.exchange(1, 2, b"later")
+
+
+def test_both_symmetric_fall_back_to_a_relay_that_sees_only_ciphertext() -> None:
+    net = Net(
+        [
+            None,
+            NatBox("203.0.113.2", symmetric=True, random_ports=True),
+            NatBox("203.0.113.3", symmetric=True, random_ports=True),
+        ]
+    )
+    net.join_all()
+    net.run_until(30.0)
+    assert net.path(1, 2) is PathKind.RELAYED
+    assert net.nodes[1].paths()[net.keys[2]].relay == net.keys[0]
+    forwarded_before = counter(net, 0, "relay_forwarded")
+    sent_before = len(net.sent_by[0])
+    secret = b"relay-must-not-read-this"
+    assert net.exchange(1, 2, secret)
+    assert counter(net, 0, "relay_forwarded") > forwarded_before
+    assert net.received[0] == []
+    assert all(secret not in data for data, _ in net.sent_by[0][sent_before:])
+    assert counter(net, 1, "relay_wrapped") >= 1 and counter(net, 2, "relay_delivered") >= 1
+    for i in (1, 2):
+        for other in range(3):
+            if other != i:
+                peer = net.nodes[i].wireguard_key_of(net.keys[other])
+                endpoint = net.nodes[i].device.peer_stats(peer).endpoint
+                assert endpoint is not None
+    rows = {row.public_key: row for row in net.nodes[1].status()}
+    assert rows[net.keys[2]].path is PathKind.RELAYED
+    assert rows[net.keys[2]].endpoint == ("198.51.100.1", PORT)
+    assert rows[net.keys[2]].tx_bytes > 0
+
+
+def test_one_symmetric_side_is_punched_by_port_prediction() -> None:
+    net = TimedNet([None, NatBox("203.0.113.2"), NatBox("203.0.113.3", symmetric=True)])
+    net.join_all()
+    net.run_until(30.0)
+    assert net.path(1, 2) is PathKind.PUNCHED
+    assert net.path(2, 1) is PathKind.PUNCHED
+    assert counter(net, 1, "spray_probes_sent") + counter(net, 2, "spray_probes_sent") > 0
+    assert net.exchange(1, 2, b"predicted")
+    assert counter(net, 0, "relay_forwarded") == 0
+
+
+def test_one_symmetric_side_with_random_ports_is_relayed() -> None:
+    net = Net(
+        [None, NatBox("203.0.113.2"), NatBox("203.0.113.3", symmetric=True, random_ports=True)]
+    )
+    net.join_all()
+    net.run_until(30.0)
+    assert net.path(1, 2) is PathKind.RELAYED
+    assert net.exchange(1, 2, b"random")
+
+
+def test_relayed_pair_upgrades_to_a_punched_path_without_a_new_handshake() -> None:
+    config = TraversalConfig(retry_min=5.0, retry_max=10.0)
+    net = TimedNet([None, NatBox("203.0.113.2"), NatBox("203.0.113.3")], traversal=config)
+    net.blocked.add(frozenset(("203.0.113.2", "203.0.113.3")))
+    net.join_all()
+    net.run_until(20.0)
+    assert net.path(1, 2) is PathKind.RELAYED
+    assert net.exchange(1, 2, b"relayed")
+    handshakes = sum(isinstance(e, HandshakeCompleted) for e in net.events[1] + net.events[2])
+    net.blocked.clear()
+    net.run_until(45.0)
+    assert net.path(1, 2) is PathKind.PUNCHED and net.path(2, 1) is PathKind.PUNCHED
+    relayed_before = counter(net, 0, "relay_forwarded")
+    assert net.exchange(1, 2, b"upgraded")
+    assert counter(net, 0, "relay_forwarded") == relayed_before
+    assert handshakes == sum(
+        isinstance(e, HandshakeCompleted) for e in net.events[1] + net.events[2]
+    )
+
+
+def test_roaming_node_is_followed_by_its_peers() -> None:
+    net = Net([None, None, None])
+    net.join_all()
+    net.run_until(5.0)
+    assert net.exchange(1, 2, b"before")
+    net.where[2] = ("198.51.100.99", PORT)
+    net.nodes[2].set_advertised_endpoints([Endpoint(*net.where[2])], net.now)
+    net.flush(2)
+    assert net.nodes[2].counters["endpoint_updates_sent"] >= 1
+    net.run_until(net.now + 1.0)
+    for i in (0, 1):
+        path = net.nodes[i].paths()[net.keys[2]]
+        assert path.endpoint == net.where[2]
+        peer = net.nodes[i].wireguard_key_of(net.keys[2])
+        assert net.nodes[i].device.peer_stats(peer).endpoint == net.where[2]
+    assert net.exchange(1, 2, b"after")
+
+
+def test_nat_rebinding_is_noticed_by_stun_and_peers_follow() -> None:
+    net = Net([None, NatBox("203.0.113.2"), None])
+    net.join_all()
+    net.run_until(10.0)
+    assert net.exchange(1, 2, b"before")
+    box = net.box_of[1]
+    assert box is not None
+    box.mappings.clear()
+    box.inside_of.clear()
+    box.allowed.clear()
+    box.next_port = 50000
+    net.run_until(net.now + 70.0)
+    advertised = net.nodes[2].membership.member(net.keys[1])
+    assert advertised is not None and advertised.endpoints[0] == Endpoint("203.0.113.2", 50000)
+    assert net.exchange(1, 2, b"after")
+
+
+def test_relay_refuses_untrusted_destinations_and_rate_limits() -> None:
+    config = TraversalConfig(relay_rate=10.0, relay_burst=5.0)
+    net = Net([None, None, None], traversal=config)
+    net.join_all()
+    net.run_until(5.0)
+    relay = net.nodes[0]
+    origin = net.identities[1]
+    key_id = __import__("meshguard.sansio.codec", fromlist=["key_id"]).key_id
+
+    def envelope_from_origin(destination: bytes, inner_destination: bytes) -> bytes:
+        inner = net.nodes[1].membership.seal_to(
+            inner_destination, RelayEnvelope(inner_destination, b"\x04\x00\x00\x00" + bytes(40))
+        )
+        assert inner is not None
+        outer = net.nodes[1].membership.seal_to(net.keys[0], RelayEnvelope(destination, inner))
+        assert outer is not None
+        return outer
+
+    stranger = Identity.from_seed(bytes(32)).public_key
+    before = relay.traversal.counters["relay_untrusted"]
+    relay.receive_datagram(
+        envelope_from_origin(stranger, net.keys[2]), net.where[1], net.now
+    )
+    assert relay.traversal.counters["relay_untrusted"] == before + 1
+
+    untrusted_sender = Identity.from_seed(b"\x07" * 32)
+    fake = seal(
+        RelayEnvelope(net.keys[2], b"x" * 50), key_id(untrusted_sender.public_key), bytes(32),
+        bytes(12),
+    )
+    relay.receive_datagram(fake, ("192.0.2.66", PORT), net.now)
+    assert relay.membership.counters["untrusted_sender"] >= 1
+
+    relay.datagrams_to_send()
+    forwarded = relay.traversal.counters["relay_forwarded"]
+    for _ in range(20):
+        relay.receive_datagram(
+            envelope_from_origin(net.keys[2], net.keys[2]), net.where[1], net.now
+        )
+    assert relay.traversal.counters["relay_forwarded"] - forwarded == 5
+    assert relay.traversal.counters["relay_rate_limited"] == 15
+    out = [d for d, addr in relay.datagrams_to_send() if addr == net.where[2]]
+    assert len(out) == 5
+    assert origin.public_key != net.keys[2]
+
+
+def test_relay_needs_allow_relay() -> None:
+    net = Net([None, NatBox("203.0.113.2"), None])
+    net.join_all()
+    net.run_until(5.0)
+    assert not net.nodes[1].config.allow_relay
+    inner = net.nodes[0].membership.seal_to(
+        net.keys[2], RelayEnvelope(net.keys[2], b"\x04\x00\x00\x00" + bytes(40))
+    )
+    assert inner is not None
+    outer = net.nodes[0].membership.seal_to(net.keys[1], RelayEnvelope(net.keys[2], inner))
+    assert outer is not None
+    net.nodes[1].receive_datagram(outer, net.where[0], net.now)
+    assert net.nodes[1].traversal.counters["relay_refused"] == 1
+
+
+def test_replayed_punch_request_starts_no_new_probes() -> None:
+    net = Net([None, None, None])
+    net.join_all()
+    net.run_until(5.0)
+    target = net.nodes[2]
+    request = PunchRequest(12345, net.keys[1], net.keys[2], (Endpoint(*net.where[1]),))
+    datagram = net.nodes[0].membership.seal_to(net.keys[2], request)
+    assert datagram is not None
+    target.receive_datagram(datagram, net.where[0], net.now)
+    probes = target.traversal.counters["probes_sent"]
+    assert probes > 0
+    target.receive_datagram(datagram, net.where[0], net.now)
+    assert target.traversal.counters["punch_replay"] == 1
+    assert target.traversal.counters["probes_sent"] == probes
+
+
+def test_forged_probe_reply_selects_no_path() -> None:
+    net = Net([None, None, None])
+    net.join_all()
+    net.run_until(5.0)
+    node = net.nodes[1]
+    before = node.paths()[net.keys[2]]
+    unexpected = node.traversal.counters["probe_unexpected"]
+    reply = net.nodes[2].membership.seal_to(net.keys[1], PunchProbe(99, 7, True))
+    assert reply is not None
+    node.receive_datagram(reply, ("192.0.2.200", 9999), net.now)
+    assert node.traversal.counters["probe_unexpected"] == unexpected + 1
+    assert node.paths()[net.keys[2]] == before
+
+
+def test_virtual_addresses_are_no_ip_addresses() -> None:
+    virtual = virtual_address(b"\x01" * 32, b"\x02" * 32)
+    assert is_virtual(virtual) and virtual[1] == 0
+    with pytest.raises(ValueError):
+        __import__("ipaddress").ip_address(virtual[0])
+    with pytest.raises(LocalProtocolError):
+        TraversalConfig(probe_interval=0)
+    assert dataclasses.replace(TraversalConfig(), spray_ports=0).spray_ports == 0
+
+
+def test_nat_type_is_detected_from_public_members_and_gossiped() -> None:
+    net = Net([None, None, NatBox("203.0.113.3")])
+    for i in (0, 1):
+        net.nodes[i] = Node(
+            net.identities[i],
+            config=NodeConfig(swim=SwimConfig.lan(), nat=PUBLIC, allow_relay=True),
+            trusted_keys=net.keys,
+            advertised_endpoints=[Endpoint(*net.where[i])],
+            rng=random.Random(i),
+            entropy=random.Random(f"entropy:{i}").randbytes,
+            wallclock=lambda: 1_800_000_000.0,
+            now=0.0,
+        )
+    net.nodes[2] = Node(
+        net.identities[2],
+        config=NodeConfig(swim=SwimConfig.lan()),
+        trusted_keys=net.keys,
+        advertised_endpoints=[Endpoint(*net.where[2])],
+        rng=random.Random(2),
+        entropy=random.Random("entropy:2").randbytes,
+        wallclock=lambda: 1_800_000_000.0,
+        now=0.0,
+    )
+    net.join_all()
+    net.run_until(60.0)
+    nat = net.nodes[2].nat
+    assert nat.mapping is NatMapping.ENDPOINT_INDEPENDENT
+    seen = net.nodes[0].membership.member(net.keys[2])
+    assert seen is not None and seen.nat.mapping is NatMapping.ENDPOINT_INDEPENDENT
+    assert seen.endpoints[0].host == "203.0.113.3"
