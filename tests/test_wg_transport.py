@@ -286,3 +286,26 @@ def test_crossed_initiations_with_a_peer_that_answered_ours_settle_in_one_round_
     assert HandshakeCompleted(lesser.public_key) in greater.events()
     assert greater.counters == {"unknown_index": 1}, "it had given up its own initiation"
     assert lesser.counters == {}
+
+
+def test_one_batch_may_mix_sessions_and_handshake_messages() -> None:
+    """GRO batches from one address carrying an initiation between old-session packets, then
+    the confirming keepalive between old- and new-session packets."""
+    pair = established()
+    old = [ipv4_packet(B_IP, A_IP, b"old%d" % i) for i in range(4)]
+    pair.b.send_packets(old, 130.0)
+    old_datagrams = transport(pair.b.datagrams_to_send())
+    pair.b.initiate_handshake(pair.a.public_key, 130.0)
+    (initiation, _), = pair.b.datagrams_to_send()
+    pair.a.receive_datagrams([old_datagrams[0], initiation, old_datagrams[1]], B_ADDR, 130.0)
+    (response, _), = pair.a.datagrams_to_send()
+    pair.b.receive_datagram(response, A_ADDR, 130.1)
+    (keepalive, _), = pair.b.datagrams_to_send()
+    new = [ipv4_packet(B_IP, A_IP, b"new%d" % i) for i in range(3)]
+    pair.b.send_packets(new, 130.1)
+    new_datagrams = transport(pair.b.datagrams_to_send())
+    batch = [old_datagrams[2], keepalive, new_datagrams[0], old_datagrams[3], *new_datagrams[1:]]
+    pair.a.receive_datagrams(batch, B_ADDR, 130.2)
+    assert pair.a.tun_packets() == [old[0], old[1], old[2], new[0], old[3], new[1], new[2]]
+    assert pair.a.counters == {}
+    assert HandshakeCompleted(pair.b.public_key) in pair.a.events()
