@@ -82,6 +82,9 @@ def main() -> int:
     print(f"wall seconds        {summary['wall_seconds']:.1f}")
     print(f"speed factor        {speed:.2f}x real time (target >= {SPEED_TARGET:g}x: "
           f"{verdict(speed >= SPEED_TARGET)})")
+    cpu = summary["cpu_seconds"]
+    print(f"CPU seconds         {cpu:.1f} ({summary['sim_seconds'] / cpu:.2f}x real time per "
+          "CPU second: what the speed factor would be on an otherwise idle core)")
     print(f"peak RSS            {rss:.2f} GiB (target < {RSS_TARGET_GIB:g} GiB: "
           f"{verdict(rss < RSS_TARGET_GIB)})")
     join_end = scenario.nodes.join_at + scenario.nodes.join_spread

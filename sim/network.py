@@ -78,7 +78,7 @@ class Link:
         elif self.dist == "uniform":
             delay = self._low + (self._high - self._low) * rng.random()
         else:
-            delay = self._low + rng.lognormvariate(self._mu, self._sigma)
+            delay = self._low + math.exp(rng.gauss(self._mu, self._sigma))
         if self.jitter:
             delay += self.jitter * rng.random()
         return delay

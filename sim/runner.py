@@ -341,7 +341,7 @@ class Simulation:
             self.env.run(until=reached)
             yield reached
 
-    def finish(self, wall_seconds: float) -> Result:
+    def finish(self, wall_seconds: float, cpu_seconds: float) -> Result:
         duration = self.scenario.duration
         tracker = self.tracker
         if abs(self._next_sample - duration) <= DEADLINE_EPSILON:
@@ -367,6 +367,7 @@ class Simulation:
             "sim_seconds": duration,
             "wall_seconds": round(wall_seconds, 3),
             "speed_factor": round(duration / wall_seconds, 2) if wall_seconds > 0 else None,
+            "cpu_seconds": round(cpu_seconds, 3),
             "converged_at": tracker.converged_at,
             "final_convergence_at": tracker.final_convergence(),
             "converged_at_end": tracker.converged,
@@ -404,13 +405,15 @@ def run(scenario: Scenario, *, seed: int | None = None, out_dir: str | Path | No
     if seed is not None:
         scenario = scenario.with_seed(seed)
     started = time.perf_counter()
+    cpu_started = time.process_time()
     simulation = Simulation(scenario, core_factory=core_factory)
     with tqdm(total=scenario.duration, unit="sim s", disable=not progress, file=sys.stderr,
               desc=scenario.name, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} sim s "
               "[{elapsed}<{remaining}]") as bar:
         for reached in simulation.steps():
             bar.update(reached - bar.n)
-    result = simulation.finish(time.perf_counter() - started)
+    result = simulation.finish(time.perf_counter() - started,
+                               time.process_time() - cpu_started)
     if out_dir is not None:
         write_outputs(result, Path(out_dir), plot=plot)
     return result
