@@ -308,6 +308,25 @@ def test_join_through_a_seed_address_alone() -> None:
     assert cluster.node(0).counters["auth_failed"] == 2
 
 
+def test_join_with_seed_keys_seals_for_each_seed_only_its_own_key() -> None:
+    cluster = Cluster(4)
+    cluster.start_all(join_via=None)
+    cluster.join(3, [0, 1, 2])
+    cluster.run_for(1)
+    assert all(cluster.node(i).counters["auth_failed"] == 0 for i in range(3))
+    assert cluster.converged([0, 3]) and cluster.converged([1, 3]) and cluster.converged([2, 3])
+
+
+def test_seed_keys_must_match_the_seeds() -> None:
+    cluster = Cluster(3)
+    cluster.start(0)
+    node = cluster.node(0)
+    with pytest.raises(LocalProtocolError):
+        node.join([cluster.addresses[1], cluster.addresses[2]], 0.0, seed_keys=[cluster.keys[1]])
+    with pytest.raises(LocalProtocolError):
+        node.join([cluster.addresses[1]], 0.0, seed_keys=[STRANGER.public_key])
+
+
 def test_a_node_restarted_with_the_same_key_supersedes_its_old_records() -> None:
     cluster = converged_cluster(4)
     cluster.node(3).set_advertised_endpoints([Endpoint(*cluster.addresses[3])], cluster.now)

@@ -499,8 +499,7 @@ class Membership:
         self._relays: dict[int, _Relay] = {}
         self._seq = rng.randrange(1, 1 << 32)
         self._sync_replies: dict[bytes, tuple[int, float]] = {}
-        self._seeds: tuple[Address, ...] = ()
-        self._seed_keys: tuple[bytes, ...] = ()
+        self._seeds: tuple[tuple[Address, bytes | None], ...] = ()
 
         self._incarnation = incarnation
         self._status = RecordStatus.ALIVE
@@ -545,23 +544,29 @@ class Membership:
     ) -> None:
         """Exchange full state with each seed address (and keep them for rejoining).
 
-        A seed's key is found from ``seed_keys``, else from a member known at that address;
-        else a one-record hello is sealed for every trusted key (only the right one opens),
-        which costs one small datagram per trusted key and per seed.
+        ``seed_keys``, when given, is the key of each seed in the same order. Without it a
+        seed's key is taken from a member known at that address, else a one-record hello is
+        sealed for every trusted key (only the right one opens), which costs one small
+        datagram per trusted key and per seed.
         """
         self._now = now
+        if seed_keys and len(seed_keys) != len(seeds):
+            raise LocalProtocolError("seed_keys must give one key per seed, in the same order")
         for key in seed_keys:
             if key not in self._trusted:
                 raise LocalProtocolError("every seed key must be a trusted key")
+        keys: Sequence[bytes | None] = seed_keys or [None] * len(seeds)
         own_addresses = {(e.host, e.port) for e in self._endpoints}
-        self._seeds = tuple(a for a in seeds if a not in own_addresses)
-        self._seed_keys = tuple(seed_keys)
+        self._seeds = tuple(
+            (a, k) for a, k in zip(seeds, keys, strict=True) if a not in own_addresses
+        )
         if self._status is RecordStatus.LEFT:
             self._status = RecordStatus.ALIVE
             self._new_own_record(self._incarnation + 1)
         by_address = self._members_by_address()
-        for addr in self._seeds:
-            self._contact_seed(addr, by_address.get(addr))
+        for addr, seed_key in self._seeds:
+            known = seed_key if seed_key is not None else by_address.get(addr)
+            self._contact_seed(addr, known)
 
     def leave(self, now: float) -> None:
         """Leave gracefully: sign a LEFT record, send it to a few members and gossip it."""
@@ -1361,9 +1366,9 @@ class Membership:
         if not self._seeds:
             return
         by_address = self._members_by_address()
-        for addr in self._seeds:
-            known = by_address.get(addr)
-            if known is not None and self._members[known].state in _LIVE:
+        for addr, seed_key in self._seeds:
+            known = seed_key if seed_key is not None else by_address.get(addr)
+            if known is not None and known in self._members and self._members[known].state in _LIVE:
                 continue
             if self._rng.random() < 1 / self._live_count:
                 self.counters["seed_attempts"] += 1
@@ -1381,9 +1386,9 @@ class Membership:
         return by_address
 
     def _contact_seed(self, addr: Address, known: bytes | None) -> None:
-        """Full state to a seed whose key we know, else a hello for each candidate key."""
-        if known is not None and not self._seed_keys:
+        """Full state to a seed whose key we know, else a hello for each trusted key."""
+        if known is not None and known in self._trusted:
             self._send_state(known, addr, self._rng.getrandbits(64), True)
             return
-        for key in self._seed_keys or tuple(self._trusted):
+        for key in tuple(self._trusted):
             self._send_hello(key, addr)
