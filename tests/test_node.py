@@ -20,6 +20,7 @@ from meshguard.sansio import stun
 from meshguard.sansio.messages import Endpoint
 from meshguard.sansio.node import Node, NodeConfig, PeerAdded, PeerRemoved
 from meshguard.sansio.swim_config import SwimConfig
+from meshguard.sansio.traversal import PathKind
 from meshguard.sansio.types import Address
 
 PORT = 51821
@@ -240,3 +241,39 @@ def test_garbage_on_the_port_never_raises() -> None:
             mesh.nodes[0].receive_datagram(prefix + data, mesh.addresses[1], 1.0)
             mesh.nodes[0].receive_datagrams([prefix + data, data], mesh.addresses[1], 1.0)
     mesh.flush(0)
+
+
+def test_paths_and_status_show_direct_paths_on_a_flat_network() -> None:
+    mesh = Mesh(3)
+    mesh.join_all()
+    mesh.run_until(5.0)
+    for i, node in enumerate(mesh.nodes):
+        paths = node.paths()
+        assert sorted(paths) == sorted(k for j, k in enumerate(mesh.keys) if j != i)
+        for key, path in paths.items():
+            assert path.kind is PathKind.DIRECT
+            assert path.endpoint == mesh.addresses[mesh.keys.index(key)]
+            assert path.relay is None
+            assert path.rtt is not None and abs(path.rtt - 2 * mesh.latency) < 1e-6
+    mesh.send(0, [ipv4_udp_packet(mesh_ipv4(mesh.keys[0]), mesh_ipv4(mesh.keys[1]), b"row!")])
+    mesh.run_until(6.0)
+    rows = mesh.nodes[0].status()
+    assert [row.public_key for row in rows] == sorted(mesh.keys[1:])
+    by_key = {row.public_key: row for row in rows}
+    assert by_key[mesh.keys[1]].state == "alive"
+    assert by_key[mesh.keys[1]].path is PathKind.DIRECT
+    assert by_key[mesh.keys[1]].last_handshake is not None
+    assert by_key[mesh.keys[1]].tx_bytes > 0 and by_key[mesh.keys[1]].rx_bytes > 0
+    assert by_key[mesh.keys[2]].last_handshake is None
+    assert by_key[mesh.keys[2]].tx_bytes == 0
+
+
+def test_direct_paths_among_nodes_of_unknown_nat_get_keepalives_from_one_side() -> None:
+    mesh = Mesh(2)
+    mesh.join_all()
+    mesh.run_until(80.0)
+    sent = [node.traversal.counters["keepalives_sent"] for node in mesh.nodes]
+    assert sorted(sent) == [0, 3]
+    assert all(
+        node.paths()[key].kind is PathKind.DIRECT for node in mesh.nodes for key in node.paths()
+    )

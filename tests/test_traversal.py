@@ -135,8 +135,10 @@ class Net:
         config = traversal or TraversalConfig()
         for i, nat in enumerate(nats):
             public = nat is None
-            nat_info = PUBLIC if public else (
-                SYMMETRIC if isinstance(nat, NatBox) and nat.symmetric else PORT_RESTRICTED
+            nat_info = (
+                PUBLIC
+                if public
+                else (SYMMETRIC if isinstance(nat, NatBox) and nat.symmetric else PORT_RESTRICTED)
             )
             if isinstance(nat, NatInfo):
                 nat_info = nat
@@ -441,14 +443,14 @@ def test_relay_refuses_untrusted_destinations_and_rate_limits() -> None:
 
     stranger = Identity.from_seed(bytes(32)).public_key
     before = relay.traversal.counters["relay_untrusted"]
-    relay.receive_datagram(
-        envelope_from_origin(stranger, net.keys[2]), net.where[1], net.now
-    )
+    relay.receive_datagram(envelope_from_origin(stranger, net.keys[2]), net.where[1], net.now)
     assert relay.traversal.counters["relay_untrusted"] == before + 1
 
     untrusted_sender = Identity.from_seed(b"\x07" * 32)
     fake = seal(
-        RelayEnvelope(net.keys[2], b"x" * 50), key_id(untrusted_sender.public_key), bytes(32),
+        RelayEnvelope(net.keys[2], b"x" * 50),
+        key_id(untrusted_sender.public_key),
+        bytes(32),
         bytes(12),
     )
     relay.receive_datagram(fake, ("192.0.2.66", PORT), net.now)

@@ -545,10 +545,7 @@ class Node:
             return
         self._member_stun.append(server)
         self._monitor(server, now)
-        if (
-            self._prober is None
-            and len(self._member_stun) == self.config.member_stun_servers
-        ):
+        if self._prober is None and len(self._member_stun) == self.config.member_stun_servers:
             self._start_nat_detection(self._member_stun, now)
 
     def _start_nat_detection(self, servers: Sequence[Address], now: float) -> None:

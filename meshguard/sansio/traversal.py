@@ -315,6 +315,8 @@ class Traversal:
         self._heard: dict[bytes, Address] = {}
         self._virtual: dict[Address, tuple[bytes, bytes]] = {}
         self._buckets: dict[bytes, _Bucket] = {}
+        self._awaiting_rendezvous: dict[bytes, None] = {}
+        """Members whose punch found no rendezvous: retried as soon as one appears."""
         self._timers: list[tuple[float, int, bytes | int]] = []
         self._timer_order = 0
         self._outbox: list[tuple[bytes, Address]] = []
@@ -372,6 +374,7 @@ class Traversal:
 
     def remove_member(self, key: bytes, now: float) -> None:
         path = self._paths.pop(key, None)
+        self._awaiting_rendezvous.pop(key, None)
         self._heard.pop(key, None)
         self._buckets.pop(key, None)
         for session_id in [s for s, v in self._sessions.items() if v.peer == key]:
@@ -552,6 +555,7 @@ class Traversal:
         if path.retry_at is not None and path.retry_at <= now:
             path.retry_at = None
             if path.session is None and path.kind not in (PathKind.DIRECT, PathKind.PUNCHED):
+                path.bad_relays.clear()
                 self._start_punch(path, now, defer=False)
         if path.keepalive_at is not None and path.keepalive_at <= now:
             path.keepalive_at = None
@@ -565,8 +569,9 @@ class Traversal:
                     return
             path.keepalive_seq = self._rng.getrandbits(64)
             path.keepalive_sent = now
-            self._send(path.key, PunchProbe(path.keepalive_id, path.keepalive_seq, False),
-                       path.endpoint)
+            self._send(
+                path.key, PunchProbe(path.keepalive_id, path.keepalive_seq, False), path.endpoint
+            )
             self.counters["keepalives_sent"] += 1
             path.keepalive_at = now + self._config.keepalive_interval
 
@@ -580,8 +585,10 @@ class Traversal:
         if path.session is not None:
             return
         targets = list(path.endpoints)
-        if path.endpoint is not None and path.endpoint not in targets and not is_virtual(
-            path.endpoint
+        if (
+            path.endpoint is not None
+            and path.endpoint not in targets
+            and not is_virtual(path.endpoint)
         ):
             targets.append(path.endpoint)
         if not targets or self._needs_punch(path):
@@ -628,6 +635,7 @@ class Traversal:
         if rendezvous is None or len(session.tried) >= self._config.rendezvous_tries:
             if rendezvous is None:
                 self.counters["punch_no_rendezvous"] += 1
+                self._awaiting_rendezvous[path.key] = None
             self._session_failed(session, now)
             return
         session.tried.append(rendezvous)
@@ -711,15 +719,24 @@ class Traversal:
         self._set_kind(path, PathKind.RELAYED, self.route(relay), relay)
 
     def _confirmed(self, path: _Path, now: float) -> None:
-        """A working non-relayed path: stop retrying, keep the NAT mapping open."""
+        """A working non-relayed path: stop retrying, keep the NAT mapping open; a new
+        direct path may be the rendezvous that punches waited for."""
+        self._awaiting_rendezvous.pop(path.key, None)
+        if path.kind is PathKind.DIRECT and self._awaiting_rendezvous:
+            for key in list(self._awaiting_rendezvous):
+                waiting = self._paths.get(key)
+                if waiting is not None and waiting.session is None:
+                    waiting.retry_at = now + self._rng.uniform(0.0, self._config.probe_interval)
+                    self._schedule_path(waiting)
+            self._awaiting_rendezvous.clear()
         path.retry_at = None
         path.retry_delay = 0.0
         path.misses = 0
         path.keepalive_seq = None
         path.bad_relays.clear()
-        path.keepalive_at = now + self._config.keepalive_interval if self._keeps_alive(
-            path
-        ) else None
+        path.keepalive_at = (
+            now + self._config.keepalive_interval if self._keeps_alive(path) else None
+        )
         self._schedule_path(path)
 
     def _keeps_alive(self, path: _Path) -> bool:
