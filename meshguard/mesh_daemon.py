@@ -20,7 +20,7 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
@@ -57,8 +57,8 @@ from meshguard.metrics import (
 from meshguard.sansio import swim
 from meshguard.sansio.messages import Endpoint
 from meshguard.sansio.node import Node, NodeConfig
-from meshguard.sansio.stun import MappedAddress, PublicAddressChanged
 from meshguard.sansio.swim_config import SwimConfig
+from meshguard.sansio.traversal import PathKind
 from meshguard.sansio.types import Address
 from meshguard.sansio.wireguard import DeviceConfig, HandshakeCompleted, PeerUnreachable
 from meshguard.settings import HostPort, Settings
@@ -247,15 +247,28 @@ class MeshCore:
             self._housekeeping_at = self._housekeeping(now)
 
 
+_PATH_NAMES = {
+    PathKind.CONNECTING: "-",
+    PathKind.DIRECT: "direct",
+    PathKind.PUNCHED: "punched",
+    PathKind.RELAYED: "relayed",
+}
+
+
+def path_name(kind: PathKind | None) -> str:
+    """A path as the control protocol names it; "-" while there is none (yet)."""
+    return "-" if kind is None else _PATH_NAMES[kind]
+
+
 def path_of(node: Node, public_key: bytes) -> tuple[str, str | None]:
-    """How traffic to a member goes ("direct", "punched", "relayed", or "-" without a tunnel)
-    and the UDP endpoint it is sent to."""
+    """How traffic to a member goes ("direct", "punched", "relayed", or "-" without one) and
+    the UDP endpoint it is sent to (the relay's when relayed)."""
     if public_key not in node.peer_keys():
         return "-", None
-    stats = node.device.peer_stats(node.wireguard_key_of(public_key))
-    paths: Callable[[], Mapping[bytes, str]] | None = getattr(node, "paths", None)
-    path = "direct" if paths is None else paths().get(public_key, "direct")
-    return path, _address_text(stats.endpoint)
+    info = node.paths().get(public_key)
+    if info is None:
+        return "-", None
+    return path_name(info.kind), _address_text(info.endpoint)
 
 
 class MeshDaemon:
@@ -284,7 +297,6 @@ class MeshDaemon:
         self.next_trust_check = 0.0
         self.seeds: dict[Address, None] = {}
         self.base_endpoints: list[Endpoint] = []
-        self.public_endpoints: dict[Address, Endpoint] = {}
         self.handshakes: Counter[str] = Counter()
         self.membership_changed = True
         self.latest_metrics = LatestSnapshot()
@@ -381,22 +393,6 @@ class MeshDaemon:
             self.handshakes["completed"] += 1
         elif isinstance(event, PeerUnreachable):
             self.handshakes["gave_up"] += 1
-        elif isinstance(event, MappedAddress | PublicAddressChanged):
-            self._learn_public_endpoint(event)
-
-    def _learn_public_endpoint(self, event: MappedAddress | PublicAddressChanged) -> None:
-        """Advertise the endpoint a STUN server sees, next to the configured ones."""
-        if isinstance(event, MappedAddress):
-            server, mapped = event.server, event.mapped
-        else:
-            server, mapped = event.server, event.current
-        endpoint = Endpoint(mapped[0], mapped[1])
-        if self.public_endpoints.get(server) == endpoint:
-            return
-        self.public_endpoints[server] = endpoint
-        endpoints = list(dict.fromkeys([*self.base_endpoints, *self.public_endpoints.values()]))
-        self.node.set_advertised_endpoints(endpoints, time.monotonic())
-        log.info("event=advertise endpoints=%s", ",".join(f"{e.host}:{e.port}" for e in endpoints))
 
     def housekeeping(self, now: float) -> float:
         """Trust polling, the state file and metrics; returns when to run next."""
@@ -458,20 +454,16 @@ class MeshDaemon:
     def status(self) -> control.Status:
         node = self.node
         tunnels = set(node.peer_keys())
+        advertised = {
+            view.public_key: view.endpoints for view in node.membership.members() if view.endpoints
+        }
         members: list[control.MemberStatus] = []
-        for view in node.membership.members():
-            key = view.public_key
-            if key == self.identity.public_key:
-                continue
-            path, endpoint = path_of(node, key)
-            last_handshake, rx_bytes, tx_bytes = None, 0, 0
-            if key in tunnels:
-                stats = node.device.peer_stats(node.wireguard_key_of(key))
-                last_handshake, rx_bytes, tx_bytes = (
-                    stats.last_handshake, stats.rx_bytes, stats.tx_bytes,
-                )  # fmt: skip
-            if endpoint is None and view.endpoints:
-                endpoint = _address_text((view.endpoints[0].host, view.endpoints[0].port))
+        for row in node.status():
+            key = row.public_key
+            endpoint = _address_text(row.endpoint)
+            if endpoint is None and key in advertised:
+                first = advertised[key][0]
+                endpoint = _address_text((first.host, first.port))
             members.append(
                 control.MemberStatus(
                     name=self.names.get(key, "-"),
@@ -479,12 +471,12 @@ class MeshDaemon:
                     mesh_ipv4=str(mesh_ipv4(key)),
                     mesh_ipv6=str(mesh_ipv6(key)),
                     endpoint=endpoint,
-                    path=path,
-                    state=view.state.value,
+                    path=path_name(row.path),
+                    state=row.state,
                     tunnel=key in tunnels,
-                    last_handshake=last_handshake,
-                    rx_bytes=rx_bytes,
-                    tx_bytes=tx_bytes,
+                    last_handshake=row.last_handshake,
+                    rx_bytes=row.rx_bytes,
+                    tx_bytes=row.tx_bytes,
                 )
             )
         own = self.identity.public_key
@@ -611,6 +603,9 @@ class MeshDaemon:
             self.base_endpoints = [Endpoint(e.host, e.port) for e in settings.advertise]
         else:
             self.base_endpoints = _interface_endpoints(udp.port, tun.name)
+        stun_servers, problems = resolve_seeds(Seed(e.host, e.port) for e in settings.stun_servers)
+        for problem in problems:
+            log.warning("event=stun_server_unresolved reason=%r", problem)
         now = time.monotonic()
         swim_config = SwimConfig.lan() if settings.swim_profile == "lan" else SwimConfig.wan()
         self.node = Node(
@@ -619,6 +614,7 @@ class MeshDaemon:
                 swim=swim_config,
                 device=DeviceConfig(mtu=settings.mtu),
                 eager_tunnels=settings.eager_tunnels,
+                stun_servers=tuple(stun_servers),
             ),
             trusted_keys=trusted,
             advertised_endpoints=self.base_endpoints,
@@ -646,11 +642,6 @@ class MeshDaemon:
         stack.callback(self._save_state)
         if self.seeds:
             self.node.join(list(self.seeds), now)
-        for server_endpoint in settings.stun_servers:
-            try:
-                self.node.stun_client.monitor(_resolve(server_endpoint), now)
-            except UserError as error:
-                log.warning("event=stun_server_unresolved reason=%r", str(error))
         lan = self._start_mdns(stack, udp.port)
         metrics = self._start_metrics(stack)
 
