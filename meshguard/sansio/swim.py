@@ -1321,7 +1321,7 @@ class Membership:
             if member is not None:
                 member.address = None
                 member.endpoint_index += 1
-                if member.state in _LIVE:
+                if member.state in _LIVE and self._status is RecordStatus.ALIVE:
                     self._on_suspect(probe.target, member.incarnation, self._public_key)
         else:
             del self._probes[probe.seq]
