@@ -317,6 +317,18 @@ def test_join_with_seed_keys_seals_for_each_seed_only_its_own_key() -> None:
     assert cluster.converged([0, 3]) and cluster.converged([1, 3]) and cluster.converged([2, 3])
 
 
+def test_a_node_whose_join_was_lost_retries_its_seeds() -> None:
+    cluster = Cluster(2)
+    cluster.start_all(join_via=None)
+    cluster.block(1, 0)
+    cluster.join(1, [0])
+    cluster.run_for(1)
+    assert cluster.node(1).live_count == 1
+    cluster.heal()
+    cluster.run_until_converged(2 * cluster.config.reconnect_interval)
+    assert cluster.node(1).counters["seed_attempts"] >= 1
+
+
 def test_seed_keys_must_match_the_seeds() -> None:
     cluster = Cluster(3)
     cluster.start(0)
