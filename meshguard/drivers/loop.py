@@ -27,9 +27,12 @@ from meshguard.drivers.udp import UdpSocket
 
 log = logging.getLogger("meshguard.dataplane")
 
+# Round sizes: big enough that system calls and per-call overhead are amortized (a TUN read
+# or a GRO receive carries up to ~45 packets), small enough that one daemon hands packets on
+# while the next stage (the peer daemon, the kernel's TCP) is still busy with the previous ones.
 TUN_READS_PER_ROUND = 32
-PACKETS_PER_ROUND = 512
-UDP_READS_PER_ROUND = 64
+PACKETS_PER_ROUND = 128
+UDP_READS_PER_ROUND = 16
 
 
 @dataclass
