@@ -5,11 +5,12 @@ of up to 64 KiB (TSO) with a checksum left to fill in, and accepts such super-pa
 (so one write carries many received segments up the stack). Everything that goes on the wire
 must still be an ordinary MTU-sized IP packet inside a standard WireGuard message, so
 :func:`segment` cuts super-packets into MTU-sized packets with correct IPv4/IPv6 and TCP
-headers, and :class:`TcpCoalescer` glues decrypted in-order TCP segments back together for the
+headers, and :func:`coalesce` glues decrypted in-order TCP segments back together for the
 write side.
 
 Checksums use the identity 65536 ≡ 1 (mod 0xFFFF): the ones' complement sum of the 16-bit
-words of ``data`` is ``int.from_bytes(data, "big") % 0xFFFF``, computed in C in one pass.
+words of ``data`` is ``int.from_bytes(data, "big") % 0xFFFF``, computed in C in one pass; the
+payload sums of all segments of a super-packet come from one numpy reduction.
 """
 
 from __future__ import annotations
