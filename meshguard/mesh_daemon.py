@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
+import enum
 import ipaddress
 import logging
 import os
@@ -38,7 +40,7 @@ from meshguard.discovery import (
     lookup_dns_seeds,
     resolve_seeds,
 )
-from meshguard.drivers.loop import DataPlane, describe
+from meshguard.drivers.loop import DataPlane
 from meshguard.drivers.netlink import configure_interface
 from meshguard.drivers.tun import TunDevice
 from meshguard.drivers.udp import UdpSocket
@@ -109,6 +111,48 @@ def _interface_endpoints(port: int, exclude_interface: str) -> list[Endpoint]:
             if is_underlay_address(text):
                 endpoints.append(Endpoint(text, port))
     return sorted(set(endpoints), key=lambda e: (":" in e.host, e.host))
+
+
+def _logfmt_value(value: object) -> str:
+    if value is None:
+        text = "-"
+    elif isinstance(value, bytes):
+        text = base64.b64encode(value).decode()
+    elif isinstance(value, enum.Enum):
+        text = value.value if isinstance(value.value, str) else value.name.lower()
+    elif isinstance(value, Endpoint):
+        text = str(Seed(value.host, value.port))
+    elif isinstance(value, float):
+        text = f"{value:.6g}"
+    elif isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+        text = str(Seed(str(value[0]), value[1]))
+    elif isinstance(value, tuple | list):
+        text = ",".join(_logfmt_value(item) for item in value) or "-"
+    else:
+        text = str(value)
+    if any(c in text for c in ' "') or not text:
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+def _logfmt_fields(prefix: str, item: object) -> list[str]:
+    parts = []
+    for field in dataclasses.fields(item):  # type: ignore[arg-type]
+        value = getattr(item, field.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, Endpoint):
+            parts.extend(_logfmt_fields(f"{prefix}{field.name}.", value))
+        else:
+            parts.append(f"{prefix}{field.name}={_logfmt_value(value)}")
+    return parts
+
+
+def logfmt_event(event: object) -> str:
+    """``event=<Name> field=value ...``; nested records flatten to ``path.kind=direct``, keys are
+    base64, endpoints ``host:port`` (IPv6 in brackets), lists comma-separated."""
+    parts = [f"event={type(event).__name__}"]
+    if dataclasses.is_dataclass(event):
+        parts.extend(_logfmt_fields("", event))
+    return " ".join(parts)
 
 
 def remove_stale_interface(name: str) -> bool:
@@ -248,7 +292,6 @@ class MeshCore:
 
 
 _PATH_NAMES = {
-    PathKind.CONNECTING: "-",
     PathKind.DIRECT: "direct",
     PathKind.PUNCHED: "punched",
     PathKind.RELAYED: "relayed",
@@ -256,8 +299,9 @@ _PATH_NAMES = {
 
 
 def path_name(kind: PathKind | None) -> str:
-    """A path as the control protocol names it; "-" while there is none (yet)."""
-    return "-" if kind is None else _PATH_NAMES[kind]
+    """A path as the control protocol names it; "-" while there is none (connecting, or no
+    way found)."""
+    return "-" if kind is None else _PATH_NAMES.get(kind, "-")
 
 
 def path_of(node: Node, public_key: bytes) -> tuple[str, str | None]:
@@ -386,7 +430,7 @@ class MeshDaemon:
     # -- events and housekeeping ----------------------------------------------------------
 
     def on_event(self, event: object) -> None:
-        log.info("event=%s", describe(event))
+        log.info("%s", logfmt_event(event))
         if isinstance(event, swim.MembershipEvent):
             self.membership_changed = True
         elif isinstance(event, HandshakeCompleted):
