@@ -659,6 +659,7 @@ class MeshDaemon:
                 device=DeviceConfig(mtu=settings.mtu),
                 eager_tunnels=settings.eager_tunnels,
                 stun_servers=tuple(stun_servers),
+                allow_relay=settings.relay,
             ),
             trusted_keys=trusted,
             advertised_endpoints=self.base_endpoints,

@@ -14,6 +14,7 @@ Example::
     swim_profile = "wan"              # or "lan": faster failure detection on one LAN
     advertise = ["198.51.100.7:51821"]  # endpoints other members use; default: interfaces
     stun_servers = ["stun.example.net:3478"]  # learn (and advertise) the public endpoint
+    relay = false                     # relay WireGuard datagrams between other members
 
     [[wireguard_peer]]              # a plain WireGuard device (phone, router, wireguard-go)
     public_key = "<base64 X25519>"
@@ -103,6 +104,8 @@ class Settings:
     advertise: tuple[HostPort, ...] = ()
     """Endpoints (IP literals) other members reach this node at; empty: the host's interfaces."""
     stun_servers: tuple[HostPort, ...] = ()
+    relay: bool = False
+    """Relay datagrams between members that cannot reach each other (advertised in gossip)."""
 
 
 def load_settings(path: Path) -> Settings:
@@ -317,6 +320,7 @@ _TOP_LEVEL: dict[str, _Field] = {
     "swim_profile": ("swim_profile", _Parser.swim_profile),
     "advertise": ("advertise", _Parser.ip_endpoints),
     "stun_servers": ("stun_servers", _Parser.endpoints),
+    "relay": ("relay", _Parser.boolean),
 }
 
 _PEER_FIELDS: dict[str, _Field] = {

@@ -27,6 +27,7 @@ def test_empty_file_gives_the_defaults() -> None:
     assert settings.interface == "mg0"
     assert settings.mtu == 1420
     assert settings.mdns is True
+    assert settings.relay is False
     assert settings.eager_tunnels is False
     assert settings.swim_profile == "wan"
     assert settings.seeds == settings.advertise == settings.stun_servers == ()
@@ -48,6 +49,7 @@ def test_every_mesh_key_is_read() -> None:
         swim_profile = "lan"
         advertise = ["198.51.100.7:5000", "[2001:db8::7]:5000"]
         stun_servers = ["stun.example.net:3478"]
+        relay = true
 
         [[wireguard_peer]]
         public_key = "{KEY}"
@@ -71,6 +73,7 @@ def test_every_mesh_key_is_read() -> None:
     assert settings.swim_profile == "lan"
     assert settings.advertise == (HostPort("198.51.100.7", 5000), HostPort("2001:db8::7", 5000))
     assert settings.stun_servers == (HostPort("stun.example.net", 3478),)
+    assert settings.relay is True
     (peer,) = settings.wireguard_peers
     assert peer.public_key == bytes(range(32))
     assert peer.allowed_ips == (ipaddress.ip_network("10.99.7.7/32"),)
@@ -93,6 +96,7 @@ def test_every_mesh_key_is_read() -> None:
         ("dns_seed_domain = 7", "dns_seed_domain: expected a string, got an integer"),
         ('mdns = "yes"', "mdns: expected true or false, got a string"),
         ("eager_tunnels = 1", "eager_tunnels: expected true or false, got an integer"),
+        ('relay = "on"', "relay: expected true or false, got a string"),
         ('metrics = "9101"', "metrics: expected host:port or [IPv6]:port, got '9101'"),
         ('swim_profile = "fast"', "swim_profile: expected one of wan, lan, got 'fast'"),
         ('advertise = ["host.example:51821"]', "advertise[0]: 'host.example' is not an IP"),
