@@ -366,10 +366,14 @@ class MeshDaemon:
         try:
             loaded = self.store.load()
         except TrustStoreError as error:
-            log.warning("event=trust_unreadable error=%r", str(error))
+            log.warning("event=trust_unreadable error=%s", _logfmt_value(str(error)))
             return list(self.names)
         for problem in loaded.problems:
-            log.warning("event=trust_problem file=%s reason=%r", problem.path, problem.reason)
+            log.warning(
+                "event=trust_problem file=%s reason=%s",
+                _logfmt_value(str(problem.path)),
+                _logfmt_value(problem.reason),
+            )
         self.names = {trusted.public_key: trusted.name for trusted in loaded.keys}
         return list(self.names)
 
@@ -394,18 +398,18 @@ class MeshDaemon:
         """The state file's members, then static seeds, then DNS seeds, without duplicates."""
         loaded = load_state(state_path(self.paths.directory))
         if loaded.problem is not None:
-            log.warning("event=state_ignored reason=%r", loaded.problem)
+            log.warning("event=state_ignored reason=%s", _logfmt_value(loaded.problem))
         self.saver = StateSaver(state_path(self.paths.directory), initial=loaded.state)
         addresses = loaded.state.seed_addresses(exclude=self.identity.public_key)
         seeds = [Seed(seed.host, seed.port) for seed in self.settings.seeds]
         if self.settings.dns_seed_domain is not None:
             found, problems = lookup_dns_seeds(self.settings.dns_seed_domain)
             for problem in problems:
-                log.warning("event=dns_seed_problem reason=%r", problem)
+                log.warning("event=dns_seed_problem reason=%s", _logfmt_value(problem))
             seeds.extend(found)
         resolved, problems = resolve_seeds(seeds)
         for problem in problems:
-            log.warning("event=seed_unresolved reason=%r", problem)
+            log.warning("event=seed_unresolved reason=%s", _logfmt_value(problem))
         return list(dict.fromkeys(addresses + resolved))
 
     def on_lan_peers(self, discovery: LanDiscovery) -> None:
@@ -416,7 +420,7 @@ class MeshDaemon:
         new = [address for address in new if address not in self.seeds]
         if new:
             self.seeds.update(dict.fromkeys(new))
-            log.info("event=mdns_seed addresses=%s", ",".join(map(str, new)))
+            log.info("event=mdns_seed addresses=%s", _logfmt_value(new))
             self.node.join(list(self.seeds), time.monotonic())
 
     def _lan_seeds(self, peer: LanPeer) -> list[Address]:
@@ -450,7 +454,7 @@ class MeshDaemon:
         try:
             self.saver.on_timer(now)
         except OSError as error:
-            log.warning("event=state_write_failed error=%r", str(error))
+            log.warning("event=state_write_failed error=%s", _logfmt_value(str(error)))
         self.latest_metrics.publish(self.metrics_snapshot())
         deadline = now + HOUSEKEEPING_INTERVAL
         saver_deadline = self.saver.next_deadline()
@@ -649,7 +653,7 @@ class MeshDaemon:
             self.base_endpoints = _interface_endpoints(udp.port, tun.name)
         stun_servers, problems = resolve_seeds(Seed(e.host, e.port) for e in settings.stun_servers)
         for problem in problems:
-            log.warning("event=stun_server_unresolved reason=%r", problem)
+            log.warning("event=stun_server_unresolved reason=%s", _logfmt_value(problem))
         now = time.monotonic()
         swim_config = SwimConfig.lan() if settings.swim_profile == "lan" else SwimConfig.wan()
         self.node = Node(
@@ -724,7 +728,7 @@ class MeshDaemon:
                 self.identity.public_key, port, addresses=[e.host for e in self.base_endpoints]
             )
         except DiscoveryError as error:
-            log.warning("event=mdns_unavailable reason=%r", str(error))
+            log.warning("event=mdns_unavailable reason=%s", _logfmt_value(str(error)))
             return None
         stack.callback(lan.close)
         self.plane.add_reader(lan.fileno(), lambda: self.on_lan_peers(lan))
@@ -743,7 +747,7 @@ class MeshDaemon:
         try:
             self.saver.flush(time.monotonic())
         except OSError as error:
-            log.warning("event=state_write_failed error=%r", str(error))
+            log.warning("event=state_write_failed error=%s", _logfmt_value(str(error)))
 
     def _log_summary(self) -> None:
         device = self.node.device

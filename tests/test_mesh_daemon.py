@@ -257,7 +257,7 @@ def test_every_host_reaches_every_other_over_ipv4_and_ipv6(mesh: Mesh) -> None:
     hosts = mesh.hosts
     assert "event=stale_interface_removed interface=mg0" in hosts["h3"].log()
     # h3 has no seed: either it found h1/h2 by mDNS, or they found it (whoever browsed first).
-    h3_address = str((hosts["h3"].underlay_ip, PORT))
+    h3_address = hosts["h3"].endpoint
     assert "event=mdns_seed" in hosts["h3"].log() or any(
         "event=mdns_seed" in line and h3_address in line
         for name in ("h1", "h2")
