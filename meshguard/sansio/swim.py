@@ -535,10 +535,6 @@ class Membership:
         """Members seen alive or suspect, this node included (the N of every formula)."""
         return self._live_count
 
-    @property
-    def config(self) -> SwimConfig:
-        return self._config
-
     def join(
         self, seeds: Sequence[Address], now: float, *, seed_keys: Sequence[bytes] = ()
     ) -> None:
