@@ -6,8 +6,9 @@ Topology (network namespaces, all created here)::
 
 Each host has its own config directory (its identity and the four others' keys written with
 ``meshguard.identity``, as ``meshguard keygen`` / ``trust add`` do) and runs ``meshguard run``
-as a real process with the LAN SWIM profile. h1, h2, h4 and h5 are each given one seed; h3
-has none and is found by mDNS on the LAN. The tests share one lab (module fixture) and run in
+as a real process with the LAN SWIM profile. h1, h2 and h5 are each given one seed address;
+h4 gets its one seed from a DNS TXT record (dnsmasq on the router); h3 has none and is found
+by mDNS on the LAN. The tests share one lab (module fixture) and run in
 order: reachability, status, TCP, control ping, metrics, a host killed with SIGKILL and
 restarted without seeds, an untrusted stranger, a trust removal, and finally
 ``meshguard down`` / SIGTERM removing the interface.
@@ -15,6 +16,7 @@ restarted without seeds, an untrusted stranger, a trust removal, and finally
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -51,6 +53,9 @@ UNDERLAY = {
     "stranger": "192.168.50.6",
 }
 SEED_OF = {"h1": "h2", "h2": "h1", "h3": None, "h4": "h1", "h5": "h1"}
+DNS_SEEDED = "h4"
+"""Finds its seed (h1) in a TXT record served by dnsmasq on the router, not in its config."""
+SEED_DOMAIN = "mesh.test"
 METRICS = "127.0.0.1:9101"
 SWIM = SwimConfig.lan()
 
@@ -91,13 +96,22 @@ class Host:
     def endpoint(self) -> str:
         return f"{self.underlay_ip}:{PORT}"
 
-    def configure(self, *, seeds: list[str], mdns: bool = True, metrics: bool = False) -> None:
+    def configure(
+        self,
+        *,
+        seeds: list[str],
+        mdns: bool = True,
+        metrics: bool = False,
+        dns_seed_domain: str | None = None,
+    ) -> None:
         lines = [
             f"listen_port = {PORT}",
             'swim_profile = "lan"',
             "seeds = [" + ", ".join(f'"{seed}"' for seed in seeds) + "]",
             f"mdns = {'true' if mdns else 'false'}",
         ]
+        if dns_seed_domain is not None:
+            lines.append(f'dns_seed_domain = "{dns_seed_domain}"')
         if metrics:
             lines.append(f'metrics = "{METRICS}"')
         (self.directory / "meshguard.toml").write_text("\n".join(lines) + "\n")
@@ -194,6 +208,24 @@ def _reaches(host: Host, address: str) -> bool:
     return host.ns.run(["ping", "-c", "1", "-W", "1", address], check=False).returncode == 0
 
 
+def _use_resolver(lab: Lab, ns: Namespace, nameserver: str) -> None:
+    """Give ``ns`` its own /etc/resolv.conf (``ip netns exec`` mounts /etc/netns/<ns>/)."""
+    parent = Path("/etc/netns")
+    created_parent = not parent.exists()
+    directory = parent / ns.name
+    directory.mkdir(parents=True)
+    (directory / "resolv.conf").write_text(f"nameserver {nameserver}\n")
+
+    def remove() -> None:
+        (directory / "resolv.conf").unlink()
+        directory.rmdir()
+        if created_parent:
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+    lab.cleanups.append(remove)
+
+
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     root = tmp_path_factory.mktemp("mesh")
@@ -205,6 +237,14 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         router.run(["ip", "addr", "add", "192.168.60.254/24", "dev", wan])
         plug_into_bridge(lab, router, lan, "lan", "192.168.50.254/24")
         router.sysctl("net.ipv4.ip_forward", "1")
+        router.popen(
+            [
+                "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--pid-file=",
+                f"--local=/{SEED_DOMAIN}/", "--listen-address=192.168.60.254", "--bind-interfaces",
+                f"--txt-record=_meshguard._udp.{SEED_DOMAIN},v=mg1 addr={UNDERLAY['h1']}:{PORT}",
+            ],
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
         hosts: dict[str, Host] = {}
         for name in (*HOSTS, "stranger"):
             ns = lab.namespace(name)
@@ -216,15 +256,19 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             gateway = "192.168.50.254" if on_lan else "192.168.60.254"
             ns.run(["ip", "route", "add", "default", "via", gateway])
             hosts[name] = Host(name, ns, lab, root / name, UNDERLAY[name])
+        _use_resolver(lab, hosts[DNS_SEEDED].ns, "192.168.60.254")
         stranger = hosts.pop("stranger")
         for host in hosts.values():
             for other in hosts.values():
                 if other is not host:
                     host.trust(other)
             seed = SEED_OF[host.name]
-            host.configure(
-                seeds=[] if seed is None else [hosts[seed].endpoint], metrics=host.name == "h1"
-            )
+            if host.name == DNS_SEEDED:
+                host.configure(seeds=[], dns_seed_domain=SEED_DOMAIN)
+            else:
+                host.configure(
+                    seeds=[] if seed is None else [hosts[seed].endpoint], metrics=host.name == "h1"
+                )
         for host in hosts.values():
             stranger.trust(host)
         stranger.configure(seeds=[hosts["h1"].endpoint])
@@ -256,6 +300,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 def test_every_host_reaches_every_other_over_ipv4_and_ipv6(mesh: Mesh) -> None:
     hosts = mesh.hosts
     assert "event=stale_interface_removed interface=mg0" in hosts["h3"].log()
+    assert " seeds=1 " in hosts[DNS_SEEDED].log(), "the DNS TXT seed was not found"
     # h3 has no seed: either it found h1/h2 by mDNS, or they found it (whoever browsed first).
     h3_address = hosts["h3"].endpoint
     assert "event=mdns_seed" in hosts["h3"].log() or any(
