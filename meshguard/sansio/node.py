@@ -300,6 +300,11 @@ class Node:
             self.counters["unhandled_message"] += 1
         for payload, virtual in self.traversal.deliveries():
             self.device.receive_datagram(payload, virtual, now)
+        for origin, relayed, endpoint in self.traversal.relayed_messages():
+            if isinstance(relayed, EndpointUpdate) and relayed.record.public_key != origin:
+                self.counters["endpoint_update_refused"] += 1
+            elif not self.membership.handle_message(origin, relayed, endpoint, now):
+                self.counters["unhandled_message"] += 1
 
     def _receive_stun(self, data: bytes, addr: Address, now: float) -> None:
         if self._prober is not None and self._prober.matches(data):
@@ -346,17 +351,19 @@ class Node:
     def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
         out = self._outbox
         self._outbox = []
-        out.extend(self.membership.datagrams_to_send())
         out.extend(self.stun_client.datagrams_to_send())
         if self._prober is not None:
             out.extend(self._prober.datagrams_to_send())
         out.extend(self.traversal.datagrams_to_send())
+        redirect = self.traversal.redirect
+        routed = [(data, redirect(addr)) for data, addr in self.membership.datagrams_to_send()]
         from_device = self.device.datagrams_to_send()
         if not self.traversal.has_virtual():
+            out.extend(routed)
             out.extend(from_device)
             return out
         wrap = self.traversal.wrap
-        for data, addr in from_device:
+        for data, addr in (*routed, *from_device):
             if addr[1] != 0:
                 out.append((data, addr))
                 continue

@@ -315,6 +315,8 @@ class Traversal:
         self._heard: dict[bytes, Address] = {}
         self._virtual: dict[Address, tuple[bytes, bytes]] = {}
         self._buckets: dict[bytes, _Bucket] = {}
+        self._owners: dict[Address, list[bytes]] = {}
+        """Advertised endpoint → the members advertising it (for ``redirect``)."""
         self._awaiting_rendezvous: dict[bytes, None] = {}
         """Members whose punch found no rendezvous: retried as soon as one appears."""
         self._timers: list[tuple[float, int, bytes | int]] = []
@@ -322,6 +324,7 @@ class Traversal:
         self._outbox: list[tuple[bytes, Address]] = []
         self._endpoint_changes: list[tuple[bytes, Address]] = []
         self._deliveries: list[tuple[bytes, Address]] = []
+        self._relayed_messages: list[tuple[bytes, Message, Address]] = []
         self._events: list[PathChanged] = []
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
 
@@ -346,6 +349,7 @@ class Traversal:
         path = _Path(key, addresses, nat, endpoint=addresses[0] if addresses else None)
         path.keepalive_id = self._rng.getrandbits(64)
         self._paths[key] = path
+        self._own_addresses(key, (), addresses)
         self._start_check(path, now)
         return path.endpoint
 
@@ -360,6 +364,7 @@ class Traversal:
         path.nat = nat
         if addresses == path.endpoints:
             return
+        self._own_addresses(key, path.endpoints, addresses)
         path.endpoints = addresses
         if path.kind is PathKind.RELAYED:
             path.retry_delay = 0.0
@@ -375,6 +380,8 @@ class Traversal:
     def remove_member(self, key: bytes, now: float) -> None:
         path = self._paths.pop(key, None)
         self._awaiting_rendezvous.pop(key, None)
+        if path is not None:
+            self._own_addresses(key, path.endpoints, ())
         self._heard.pop(key, None)
         self._buckets.pop(key, None)
         for session_id in [s for s, v in self._sessions.items() if v.peer == key]:
@@ -385,6 +392,36 @@ class Traversal:
             if other.relay == key:
                 self._virtual.pop(virtual_address(key, other.key), None)
                 self._path_lost(other, now)
+
+    def _own_addresses(self, key: bytes, old: Sequence[Address], new: Sequence[Address]) -> None:
+        for addr in old:
+            owners = self._owners.get(addr)
+            if owners is not None and key in owners:
+                owners.remove(key)
+                if not owners:
+                    del self._owners[addr]
+        for addr in new:
+            owners = self._owners.setdefault(addr, [])
+            if key not in owners:
+                owners.append(key)
+
+    def redirect(self, addr: Address) -> Address:
+        """Where a datagram for ``addr`` should go: a member's confirmed path when ``addr``
+        is an advertised endpoint of exactly that one member, else ``addr`` itself.
+
+        SWIM addresses members by their advertised endpoints; behind a NAT that maps per
+        destination those reach nobody, while the punched address does. For a relayed
+        member the answer is its virtual address (``wrap`` sends it through the relay).
+        """
+        owners = self._owners.get(addr)
+        if owners is None or len(owners) != 1:
+            return addr
+        path = self._paths[owners[0]]
+        if path.kind in (PathKind.DIRECT, PathKind.PUNCHED) and path.endpoint is not None:
+            return path.endpoint
+        if path.kind is PathKind.RELAYED and path.relay is not None:
+            return virtual_address(path.relay, path.key)
+        return addr
 
     def heard(self, sender: bytes, addr: Address) -> None:
         """An authenticated meshguard datagram from ``sender`` came from ``addr``."""
@@ -460,19 +497,33 @@ class Traversal:
         out, self._deliveries = self._deliveries, []
         return out
 
+    def relayed_messages(self) -> list[tuple[bytes, Message, Address]]:
+        """Relayed membership messages: (origin, message, the origin's first advertised
+        endpoint, as the address to hand the membership machine; ``redirect`` maps it back
+        to the relay)."""
+        out, self._relayed_messages = self._relayed_messages, []
+        return out
+
     def events(self) -> list[PathChanged]:
         out, self._events = self._events, []
         return out
 
     def wrap(self, datagram: bytes, addr: Address) -> tuple[bytes, Address] | None:
-        """A device datagram for a virtual endpoint, as an envelope to the relay."""
+        """A datagram for a virtual endpoint, as an envelope to the relay: a WireGuard
+        datagram inside an envelope sealed for the peer, or our own sealed meshguard
+        datagram for the peer as it is."""
         route = self._virtual.get(addr)
         relay_address = None if route is None else self.route(route[0])
         if route is None or relay_address is None:
             self.counters["relay_wrap_failed"] += 1
             return None
         relay, peer = route
-        inner = self._seal(peer, RelayEnvelope(peer, datagram))
+        if classify(datagram) is DatagramKind.WIREGUARD:
+            inner = self._seal(peer, RelayEnvelope(peer, datagram))
+        elif _sender_id(datagram) == self._own_id:
+            inner = datagram
+        else:
+            inner = None
         outer = None if inner is None else self._seal(relay, RelayEnvelope(peer, inner))
         if outer is None:
             self.counters["relay_wrap_failed"] += 1
@@ -1019,9 +1070,8 @@ class Traversal:
 
     def _on_envelope(self, sender: bytes, envelope: RelayEnvelope, now: float) -> None:
         payload = envelope.payload
-        try:
-            payload_sender = peek_sender(payload)
-        except DecodeError:
+        payload_sender = _sender_id(payload)
+        if payload_sender is None:
             self.counters["relay_bad_payload"] += 1
             return
         if payload_sender == key_id(envelope.peer):
@@ -1038,12 +1088,18 @@ class Traversal:
             self.counters["relay_untrusted"] += 1
             return
         inner_sender, inner = opened
-        if (
-            inner_sender != origin
-            or not isinstance(inner, RelayEnvelope)
-            or inner.peer != self._own
-            or classify(inner.payload) is not DatagramKind.WIREGUARD
-        ):
+        if inner_sender != origin:
+            self.counters["relay_bad_payload"] += 1
+            return
+        if not isinstance(inner, RelayEnvelope):
+            endpoints = self._paths[origin].endpoints
+            if isinstance(inner, PunchProbe | PunchRequest | PunchResponse) or not endpoints:
+                self.counters["relay_bad_payload"] += 1
+                return
+            self._relayed_messages.append((origin, inner, endpoints[0]))
+            self.counters["relay_delivered"] += 1
+            return
+        if inner.peer != self._own or classify(inner.payload) is not DatagramKind.WIREGUARD:
             self.counters["relay_bad_payload"] += 1
             return
         virtual = virtual_address(relay, origin)
@@ -1091,3 +1147,11 @@ def _with_observed(addr: Address, candidates: Sequence[Endpoint]) -> tuple[Endpo
     if observed is None or observed in candidates:
         return tuple(candidates)[:MAX_CANDIDATES]
     return (observed, *candidates)[:MAX_CANDIDATES]
+
+
+def _sender_id(datagram: bytes) -> bytes | None:
+    """The sender key id of a well-formed meshguard datagram (unauthenticated), else None."""
+    try:
+        return peek_sender(datagram)
+    except DecodeError:
+        return None
