@@ -39,6 +39,7 @@ from meshguard.sansio.swim import (
     MemberState,
     MemberSuspected,
     MemberUntrusted,
+    MemberUpdated,
     SwimConfig,
 )
 from tests.swim_cluster import Cluster, identity
@@ -351,6 +352,31 @@ def test_a_node_restarted_with_the_same_key_supersedes_its_old_records() -> None
     assert cluster.converged()
     assert cluster.node(3).incarnation > old
     assert cluster.node(0).member(cluster.keys[3]).incarnation > old  # type: ignore[union-attr]
+
+
+def test_a_new_address_or_nat_reaches_everyone_as_an_update() -> None:
+    cluster = converged_cluster(4)
+    moved = [Endpoint("10.0.0.4", 51821), Endpoint("fd00::4", 51821)]
+    cluster.node(3).set_advertised_endpoints(moved, cluster.now)
+    cluster.node(3).set_nat_info(NatInfo(allows_relay=True), cluster.now)
+    cluster.run_for(5)
+    for observer in range(3):
+        view = cluster.node(observer).member(cluster.keys[3])
+        assert view is not None
+        assert view.endpoints == tuple(moved)
+        assert view.nat.allows_relay
+        assert cluster.events_of(observer, MemberUpdated)
+        assert not cluster.events_of(observer, MemberSuspected)
+
+
+def test_invalid_own_endpoints_are_refused_and_change_nothing() -> None:
+    cluster = converged_cluster(2)
+    node = cluster.node(0)
+    before = node.incarnation
+    with pytest.raises(LocalProtocolError):
+        node.set_advertised_endpoints([Endpoint("not an address", 1)], cluster.now)
+    assert node.incarnation == before
+    assert node.members()[0].endpoints == (Endpoint(*cluster.addresses[0]),)
 
 
 def test_dead_members_are_reaped_after_the_configured_time() -> None:
