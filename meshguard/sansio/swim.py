@@ -973,7 +973,7 @@ class Membership:
         member = self._members.get(key)
         if member is not None:
             held = member.record
-            if record.incarnation < held.incarnation:
+            if record is held or record.incarnation < held.incarnation:
                 return
             if record.signature == held.signature and record == held:
                 return
