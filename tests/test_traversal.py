@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from meshguard.identity.keys import Identity
 from meshguard.identity.meshaddr import mesh_ipv4
@@ -30,6 +32,7 @@ from meshguard.sansio.messages import (
     NatMapping,
     PunchProbe,
     PunchRequest,
+    PunchResponse,
     RelayEnvelope,
 )
 from meshguard.sansio.node import Node, NodeConfig
@@ -554,3 +557,131 @@ def test_nat_type_is_detected_from_public_members_and_gossiped() -> None:
     seen = net.nodes[0].membership.member(net.keys[2])
     assert seen is not None and seen.nat.mapping is NatMapping.ENDPOINT_INDEPENDENT
     assert seen.endpoints[0].host == "203.0.113.3"
+
+
+def test_mixed_nat_mesh_connects_every_pair_and_keeps_every_member_alive() -> None:
+    layout: list[NatBox | None] = [None, None, None]
+    for i in range(3, 12):
+        ip = f"203.0.113.{i + 1}"
+        kind = i % 3
+        if kind == 0:
+            layout.append(NatBox(ip))
+        elif kind == 1:
+            layout.append(NatBox(ip, symmetric=True))
+        else:
+            layout.append(NatBox(ip, symmetric=True, random_ports=True, rng=random.Random(i)))
+    net = TimedNet(layout)
+    net.join_all()
+    net.run_until(90.0)
+    size = len(layout)
+    kinds: dict[PathKind, int] = {}
+    for a in range(size):
+        paths = net.nodes[a].paths()
+        assert len(paths) == size - 1, f"node {a} lost members"
+        for path in paths.values():
+            kinds[path.kind] = kinds.get(path.kind, 0) + 1
+        for view in net.nodes[a].membership.members():
+            assert view.state.value == "alive"
+    assert set(kinds) <= {PathKind.DIRECT, PathKind.PUNCHED, PathKind.RELAYED}
+    assert kinds[PathKind.RELAYED] > 0 and kinds[PathKind.PUNCHED] > 0
+    for a in range(size):
+        for b in range(size):
+            if a != b:
+                net.send(a, b, f"{a}>{b}".encode())
+    net.run_until(net.now + 3.0)
+    missing = [
+        (a, b)
+        for a in range(size)
+        for b in range(size)
+        if a != b and not any(p.endswith(f"{a}>{b}".encode()) for p in net.received[b])
+    ]
+    assert missing == []
+
+
+_ENDPOINTS = st.builds(
+    Endpoint,
+    st.sampled_from(["198.51.100.1", "198.51.100.2", "203.0.113.2", "10.1.0.2", "2001:db8::1"]),
+    st.integers(1, 65535),
+)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    messages=st.lists(
+        st.tuples(
+            st.integers(0, 2),
+            st.one_of(
+                st.builds(
+                    PunchRequest,
+                    st.integers(0, 3),
+                    st.sampled_from(range(3)),
+                    st.sampled_from(range(3)),
+                    st.lists(_ENDPOINTS, max_size=3).map(tuple),
+                ),
+                st.builds(
+                    PunchResponse,
+                    st.integers(0, 3),
+                    st.sampled_from(range(3)),
+                    st.sampled_from(range(3)),
+                    st.lists(_ENDPOINTS, max_size=3).map(tuple),
+                ),
+                st.builds(PunchProbe, st.integers(0, 3), st.integers(0, 3), st.booleans()),
+                st.builds(
+                    RelayEnvelope,
+                    st.sampled_from(range(3)),
+                    st.one_of(st.binary(min_size=1, max_size=80), st.just(b"inner")),
+                ),
+            ),
+            st.floats(0.0, 30.0),
+        ),
+        max_size=12,
+    )
+)
+def test_authenticated_traversal_messages_never_raise(
+    messages: list[tuple[int, object, float]],
+) -> None:
+    """Any mix of sealed punch and relay messages from trusted members is handled or counted."""
+    net = _property_net()
+    node = net.nodes[0]
+    now = net.now
+    for sender_index, message, delay in messages:
+        if sender_index == 0:
+            continue
+        message = _with_keys(net, message)
+        if isinstance(message, RelayEnvelope) and message.payload == b"inner":
+            inner = net.nodes[sender_index].membership.seal_to(
+                message.peer if message.peer != net.keys[sender_index] else net.keys[0],
+                RelayEnvelope(net.keys[0], b"\x01\x00\x00\x00" + bytes(144)),
+            )
+            assert inner is not None
+            message = RelayEnvelope(message.peer, inner)
+        datagram = net.nodes[sender_index].membership.seal_to(net.keys[0], message)
+        assert datagram is not None
+        now += delay
+        node.receive_datagram(datagram, net.where[sender_index], now)
+        node.on_timer(now)
+        for _, addr in node.datagrams_to_send():
+            assert not is_virtual(addr)
+
+
+def _with_keys(
+    net: Net, message: object
+) -> RelayEnvelope | PunchRequest | PunchResponse | PunchProbe:
+    """Generated messages name members by index; put the real keys in."""
+    if isinstance(message, PunchRequest | PunchResponse):
+        return dataclasses.replace(
+            message,
+            initiator=net.keys[message.initiator],  # type: ignore[index]
+            target=net.keys[message.target],  # type: ignore[index]
+        )
+    if isinstance(message, RelayEnvelope):
+        return dataclasses.replace(message, peer=net.keys[message.peer])  # type: ignore[index]
+    assert isinstance(message, PunchProbe)
+    return message
+
+
+def _property_net() -> Net:
+    net = Net([None, None, NatBox("203.0.113.3")])
+    net.join_all()
+    net.run_until(3.0)
+    return net
