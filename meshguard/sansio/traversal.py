@@ -467,10 +467,6 @@ class Traversal:
     def paths(self) -> dict[bytes, PathInfo]:
         return {key: path.info() for key, path in sorted(self._paths.items())}
 
-    def path(self, key: bytes) -> PathInfo | None:
-        path = self._paths.get(key)
-        return None if path is None else path.info()
-
     def route(self, key: bytes) -> Address | None:
         """Where to send a meshguard datagram to ``key`` directly (None when relayed)."""
         path = self._paths.get(key)
@@ -706,7 +702,8 @@ class Traversal:
         for key, path in self._paths.items():
             if key == target or key in tried or path.kind is not PathKind.DIRECT:
                 continue
-            rank = (path.nat.mapping is not NatMapping.NONE, path.rtt or _INF, key)
+            rtt = _INF if path.rtt is None else path.rtt
+            rank = (path.nat.mapping is not NatMapping.NONE, rtt, key)
             if best is None or rank < best:
                 best = rank
         return None if best is None else best[2]
