@@ -473,6 +473,23 @@ def test_removing_a_key_cuts_that_host_off(mesh: Mesh) -> None:
     assert _ping_all([(h1, mesh.hosts["h5"].ipv4), (mesh.hosts["h5"], h1.ipv6)]) == []
 
 
+def test_trusting_the_key_again_readmits_the_host_without_restarts(mesh: Mesh) -> None:
+    h4 = mesh.hosts["h4"]
+    others = mesh.others("h4")
+    for host in others:
+        host.cli("trust", "add", h4.public_key, "--name", "h4")
+    trusted = time.monotonic()
+    everyone = [*others, h4]
+    wait_until(
+        lambda: all(h.sees_alive([o for o in everyone if o is not h]) for h in everyone),
+        timeout=2 * SWIM.reconnect_interval + 10,
+        interval=0.2,
+        what="h4 to be readmitted",
+    )
+    mesh.timings["retrust_readmitted"] = time.monotonic() - trusted
+    assert _ping_all([(h4, mesh.hosts["h1"].ipv4), (mesh.hosts["h3"], h4.ipv6)]) == []
+
+
 def test_down_and_sigterm_leave_and_remove_the_interface(mesh: Mesh) -> None:
     h1, h2, h3 = mesh.hosts["h1"], mesh.hosts["h2"], mesh.hosts["h3"]
     assert h1.process is not None and h2.process is not None
