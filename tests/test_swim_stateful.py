@@ -41,6 +41,16 @@ class MembershipMachine(RuleBasedStateMachine):
         self.cluster.run_for(seconds)
 
     @rule(choice=st.integers(min_value=0))
+    def deliver_now(self, choice: int) -> None:
+        """Deliver one datagram in flight at once, ahead of those sent before it."""
+        index = self._pick_in_flight(choice)
+        if index is None:
+            return
+        self.cluster._flight[index].arrives = self.cluster.now
+        heapq.heapify(self.cluster._flight)
+        self.cluster.run_for(0.0)
+
+    @rule(choice=st.integers(min_value=0))
     def drop(self, choice: int) -> None:
         index = self._pick_in_flight(choice)
         if index is None:
