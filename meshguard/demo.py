@@ -47,6 +47,10 @@ NAT_WAN_ADDRESS = f"{WAN_PREFIX}.1"
 NAT_LAN_PREFIX = "192.168.77"
 FORM_TIMEOUT = 60.0
 """Seconds to wait for every node to see every other alive before giving up."""
+SEED_START_TIMEOUT = 30.0
+"""Seconds for the first node's daemon to answer on its control socket."""
+TUNNEL_WAIT = 10.0
+"""Seconds to wait, once the mesh is up, for every pair's first WireGuard handshake."""
 STOP_TIMEOUT = 10.0
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,6 +153,27 @@ class DemoNode:
 
 
 @dataclass
+class _Progress:
+    """How far the mesh has formed: daemons answering, and who sees whom alive."""
+
+    daemons: int
+    views: int
+    answering: int = 0
+    alive: int = 0
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.alive == self.views
+
+    def summary(self) -> str:
+        return (
+            f"{self.answering} of {self.daemons} daemons answering, "
+            f"{self.alive} of {self.views} node-to-node views alive"
+        )
+
+
+@dataclass
 class Demo:
     node_count: int
     duration: float | None
@@ -187,15 +212,15 @@ class Demo:
         self._build_network()
         print(f"network ready in {time.monotonic() - started:.1f} s", flush=True)
         self._write_configs()
-        self._start_daemons()
         formed = time.monotonic()
-        if not self._wait_for_mesh():
+        if not self._start_daemons() or not self._wait_for_mesh():
             return 1
         print(
-            f"mesh up {time.monotonic() - formed:.1f} s after the daemons started: "
+            f"mesh up {time.monotonic() - formed:.1f} s after starting the first daemon: "
             f"every node sees the other {self.node_count - 1} alive",
             flush=True,
         )
+        self._wait_for_tunnels(formed)
         print(f"\n$ meshguard status        (on {self.nodes[0].name})", flush=True)
         failures = [] if self._show(self.nodes[0], "status") else ["meshguard status"]
         failures += self._pings()
@@ -288,26 +313,47 @@ class Demo:
             flush=True,
         )
 
-    def _start_daemons(self) -> None:
+    def _start_daemons(self) -> bool:
+        """Start the seed (n1), wait until it answers, then the others all at once.
+
+        A node whose seed is not listening yet only retries on its reconnect timer (seconds
+        later), so starting the seed first is what makes the mesh form at once. Returns False
+        if the seed did not come up.
+        """
+        seed, *others = self.nodes
+        self._start_daemon(seed)
+        deadline = time.monotonic() + SEED_START_TIMEOUT
+        while seed.members() is None:
+            if self._report_dead():
+                return False
+            if time.monotonic() > deadline:
+                print(f"n1 did not answer within {SEED_START_TIMEOUT:.0f} s; its log:")
+                print(seed.log_tail(), flush=True)
+                return False
+            time.sleep(0.1)
+        for node in others:
+            self._start_daemon(node)
+        return True
+
+    def _start_daemon(self, node: DemoNode) -> None:
         env = {
             "PYTHONPATH": os.pathsep.join(
                 filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])
             )
         }
-        for node in self.nodes:
-            with node.log_path.open("ab") as log:
-                node.process = node.ns.popen(
-                    node.meshguard_argv("run"),
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                )
-            print(
-                f"  started meshguard run in {node.ns.name} (pid {node.process.pid}), "
-                f"mesh IP {node.mesh_ipv4}",
-                flush=True,
+        with node.log_path.open("ab") as log:
+            node.process = node.ns.popen(
+                node.meshguard_argv("run"),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
             )
+        print(
+            f"  started meshguard run in {node.ns.name} (pid {node.process.pid}), "
+            f"mesh IP {node.mesh_ipv4}",
+            flush=True,
+        )
 
     def _dead_daemons(self) -> list[DemoNode]:
         return [n for n in self.nodes if n.process is not None and n.process.poll() is not None]
@@ -315,45 +361,72 @@ class Demo:
     def _wait_for_mesh(self) -> bool:
         """Wait until every node sees every other alive; explain what is missing if not."""
         print("waiting for the mesh to form...", flush=True)
-        views = self.node_count * (self.node_count - 1)
         started = time.monotonic()
         deadline = started + FORM_TIMEOUT
-        missing = self._missing_links()
-        reported = len(missing)
-        while missing and time.monotonic() < deadline:
+        progress = self._progress()
+        reported = progress.summary()
+        while not progress.complete and time.monotonic() < deadline:
             if self._report_dead():
                 return False
             time.sleep(0.2)
-            missing = self._missing_links()
-            if missing and len(missing) != reported:
-                reported = len(missing)
-                print(
-                    f"  {time.monotonic() - started:4.1f} s: {views - reported} of {views} "
-                    "node-to-node views alive",
-                    flush=True,
-                )
-        if not missing:
+            progress = self._progress()
+            if not progress.complete and progress.summary() != reported:
+                reported = progress.summary()
+                print(f"  {time.monotonic() - started:4.1f} s: {reported}", flush=True)
+        if progress.complete:
             return True
         print(f"the mesh did not form within {FORM_TIMEOUT:.0f} s:", flush=True)
-        for line in missing:
+        for line in progress.missing:
             print(f"  {line}")
         for node in self.nodes:
             print(f"--- last lines of {node.name}'s log ---\n{node.log_tail()}")
         return False
 
-    def _missing_links(self) -> list[str]:
-        missing = []
+    def _progress(self) -> _Progress:
+        progress = _Progress(daemons=len(self.nodes), views=len(self.nodes) * (len(self.nodes) - 1))
         for node in self.nodes:
             rows = node.members()
             if rows is None:
-                missing.append(f"{node.name}'s daemon does not answer on its control socket")
+                progress.missing.append(f"{node.name}'s daemon does not answer (yet)")
                 continue
+            progress.answering += 1
             for other in self.nodes:
                 row = rows.get(other.public_key)
-                if other is not node and (row is None or row["state"] != "alive"):
+                if other is node:
+                    continue
+                if row is not None and row["state"] == "alive":
+                    progress.alive += 1
+                else:
                     state = "not yet a member" if row is None else row["state"]
-                    missing.append(f"{node.name} sees {other.name}: {state}")
-        return missing
+                    progress.missing.append(f"{node.name} sees {other.name}: {state}")
+        return progress
+
+    def _wait_for_tunnels(self, started: float) -> None:
+        """Give the eager handshakes a few seconds so the status table shows them; a tunnel
+        that is still missing then is shown as it is (HANDSHAKE never), not waited for."""
+        tunnels = self.node_count * (self.node_count - 1)
+        deadline = time.monotonic() + TUNNEL_WAIT
+        done = self._handshakes_done()
+        while done < tunnels and time.monotonic() < deadline:
+            time.sleep(0.2)
+            done = self._handshakes_done()
+        elapsed = time.monotonic() - started
+        print(
+            f"{done} of {tunnels} node-to-node WireGuard handshakes done "
+            f"{elapsed:.1f} s after starting the first daemon",
+            flush=True,
+        )
+
+    def _handshakes_done(self) -> int:
+        done = 0
+        for node in self.nodes:
+            rows = node.members() or {}
+            done += sum(
+                1
+                for other in self.nodes
+                if other.public_key in rows and rows[other.public_key]["last_handshake"] is not None
+            )
+        return done
 
     def _report_dead(self) -> bool:
         dead = self._dead_daemons()
