@@ -330,6 +330,18 @@ def test_a_node_whose_join_was_lost_retries_its_seeds() -> None:
     assert cluster.node(1).counters["seed_attempts"] >= 1
 
 
+def test_seeds_of_every_join_are_remembered_for_rejoining() -> None:
+    cluster = Cluster(3)
+    cluster.start(0)
+    contacted: dict[tuple[str, int], None] = {}
+    cluster.taps.append(lambda sender, destination, data: contacted.setdefault(destination))
+    cluster.join(0, [1])
+    cluster.join(0, [2])
+    contacted.clear()
+    cluster.run_for(3 * cluster.config.reconnect_interval)
+    assert sorted(contacted) == sorted(cluster.addresses[1:])
+
+
 def test_seed_keys_must_match_the_seeds() -> None:
     cluster = Cluster(3)
     cluster.start(0)

@@ -98,6 +98,9 @@ NACK_FRACTION = 0.8
 LEAVE_FANOUT = 4
 """Members sent the LEFT record straight away by ``leave``, before gossip carries it on."""
 
+MAX_SEEDS = 64
+"""Seed addresses remembered for rejoining (the most recently given)."""
+
 MAX_RELAYS = 256
 """Indirect probes a helper runs at once for others; more requests are refused."""
 
@@ -499,7 +502,7 @@ class Membership:
         self._relays: dict[int, _Relay] = {}
         self._seq = rng.randrange(1, 1 << 32)
         self._sync_replies: dict[bytes, tuple[int, float]] = {}
-        self._seeds: tuple[tuple[Address, bytes | None], ...] = ()
+        self._seeds: dict[Address, bytes | None] = {}
 
         self._incarnation = incarnation
         self._status = RecordStatus.ALIVE
@@ -538,12 +541,13 @@ class Membership:
     def join(
         self, seeds: Sequence[Address], now: float, *, seed_keys: Sequence[bytes] = ()
     ) -> None:
-        """Exchange full state with each seed address (and keep them for rejoining).
+        """Exchange full state with each seed address, and remember the seeds for rejoining.
 
         ``seed_keys``, when given, is the key of each seed in the same order. Without it a
         seed's key is taken from a member known at that address, else a one-record hello is
         sealed for every trusted key (only the right one opens), which costs one small
-        datagram per trusted key and per seed.
+        datagram per trusted key and per seed. Seeds of every call are remembered (the latest
+        ``MAX_SEEDS``), so seeds found later (LAN discovery) add to the configured ones.
         """
         self._now = now
         if seed_keys and len(seed_keys) != len(seeds):
@@ -553,14 +557,17 @@ class Membership:
                 raise LocalProtocolError("every seed key must be a trusted key")
         keys: Sequence[bytes | None] = seed_keys or [None] * len(seeds)
         own_addresses = {(e.host, e.port) for e in self._endpoints}
-        self._seeds = tuple(
-            (a, k) for a, k in zip(seeds, keys, strict=True) if a not in own_addresses
-        )
+        given = [(a, k) for a, k in zip(seeds, keys, strict=True) if a not in own_addresses]
+        for addr, seed_key in given:
+            self._seeds.pop(addr, None)
+            self._seeds[addr] = seed_key
+        while len(self._seeds) > MAX_SEEDS:
+            del self._seeds[next(iter(self._seeds))]
         if self._status is RecordStatus.LEFT:
             self._status = RecordStatus.ALIVE
             self._new_own_record(self._incarnation + 1)
         by_address = self._members_by_address()
-        for addr, seed_key in self._seeds:
+        for addr, seed_key in given:
             known = seed_key if seed_key is not None else by_address.get(addr)
             self._contact_seed(addr, known)
 
@@ -1362,7 +1369,7 @@ class Membership:
         if not self._seeds:
             return
         by_address = self._members_by_address()
-        for addr, seed_key in self._seeds:
+        for addr, seed_key in list(self._seeds.items()):
             known = seed_key if seed_key is not None else by_address.get(addr)
             if known is not None and known in self._members and self._members[known].state in _LIVE:
                 continue
