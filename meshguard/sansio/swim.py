@@ -1016,6 +1016,8 @@ class Membership:
             member.record = record
             if member.state is not MemberState.LEFT:
                 self._set_state(member, MemberState.LEFT, incarnation, member.public_key)
+            else:
+                member.incarnation = incarnation
             self._enqueue(member.public_key, Alive(record))
             return
         if incarnation < member.incarnation:
