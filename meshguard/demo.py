@@ -193,9 +193,10 @@ class Demo:
         previous_term = signal.signal(signal.SIGTERM, _raise_stop)
         try:
             status = self._run()
-        except (KeyboardInterrupt, _Stop):
+        except (KeyboardInterrupt, _Stop) as stop:
             print("\ninterrupted", flush=True)
-            status = 0 if self.shown else 130
+            signum = signal.SIGTERM if isinstance(stop, _Stop) else signal.SIGINT
+            status = 0 if self.shown else 128 + signum
         except RuntimeError as error:
             print(f"demo failed: {error}", flush=True)
         finally:
