@@ -865,15 +865,11 @@ class Membership:
 
     def _add_member(
         self, record: MemberRecord, state: MemberState, accuser: bytes, incarnation: int
-    ) -> _Member:
+    ) -> None:
+        """A member we never knew: announced when alive, remembered quietly when dead or left."""
         member = _Member(record, MemberState.LEFT, self._now)
         self._members[record.public_key] = member
-        self._set_state(member, state, incarnation, accuser, announce=False)
-        if state is MemberState.ALIVE:
-            self._events.append(
-                MemberJoined(member.public_key, member.incarnation, record.endpoints, record.nat)
-            )
-        return member
+        self._set_state(member, state, incarnation, accuser, announce=state is MemberState.ALIVE)
 
     def _set_state(
         self,
