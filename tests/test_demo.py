@@ -3,7 +3,7 @@
 One run with ``--for`` is shared by the tests that read its output (the status table, the pings)
 and check that it left nothing behind; the Ctrl-C tests interrupt further runs, once while the
 mesh forms and once while it is up, the way a terminal does (SIGINT to the foreground process
-group).
+group), and once more with SIGTERM to the demo process alone, as ``kill`` does.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,18 +178,32 @@ def test_the_run_removes_everything_it_created(demo: DemoRun) -> None:
 )
 def test_ctrl_c_stops_the_daemons_and_removes_everything(moment: str, status: int) -> None:
     proc = start_demo("--nodes", str(NODES))
+    demo = interrupt(proc, moment, lambda: os.killpg(proc.pid, signal.SIGINT))
+    assert demo.returncode == status, demo.output
+    assert_nothing_left(demo)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_sigterm_to_the_demo_alone_cleans_up_too() -> None:
+    proc = start_demo("--nodes", str(NODES))
+    demo = interrupt(proc, "waiting for the mesh to form", proc.terminate)
+    assert demo.returncode == 128 + signal.SIGTERM, demo.output
+    assert_nothing_left(demo)
+
+
+def interrupt(proc: subprocess.Popen[str], moment: str, send: Callable[[], None]) -> DemoRun:
+    """Wait for ``moment`` in the demo's output, ``send`` the signal, collect the rest."""
     try:
         before = read_until(proc, moment, timeout=120)
-        os.killpg(proc.pid, signal.SIGINT)
+        send()
         rest, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    demo = DemoRun(proc.returncode, before + rest, 0.0)
-    assert demo.returncode == status, demo.output
-    assert "interrupted" in rest
-    assert_nothing_left(demo)
+    assert "interrupted" in rest, rest
+    return DemoRun(proc.returncode, before + rest, 0.0)
 
 
 @pytest.mark.parametrize(
