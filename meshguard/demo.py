@@ -4,8 +4,8 @@ Each node is a Linux network namespace running its own ``meshguard run`` (a real
 real TUN interface and UDP socket) with its own config directory in a temporary directory:
 its identity, and every other node's public key trusted. The nodes share a "WAN" (a bridge in
 a namespace of its own); the last node sits behind a NAT box (a namespace doing nftables
-masquerade). Every node is seeded with the first node's WAN address and uses the LAN failure
-detector timings, so the mesh forms in seconds.
+masquerade). Every node is seeded with the first node's WAN address (that node is started
+first) and uses the LAN failure detector timings, so the mesh forms in seconds.
 
 The demo shows ``meshguard status`` and ``meshguard ping`` as a user would run them (the real
 commands, inside a node's namespace), keeps the mesh up for ``--for`` seconds or until Ctrl-C,
@@ -175,6 +175,8 @@ class _Progress:
 
 @dataclass
 class Demo:
+    """One run of the demo: the lab it builds, the nodes in it and what it has shown so far."""
+
     node_count: int
     duration: float | None
     lab: Lab = field(default_factory=lambda: Lab(prefix=PREFIX))
