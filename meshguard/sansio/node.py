@@ -323,18 +323,16 @@ class Node:
     # -- timers ------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        deadlines = [
-            deadline
-            for deadline in (
-                self.membership.next_deadline(),
-                self.device.next_deadline(),
-                self.stun_client.next_deadline(),
-                self.traversal.next_deadline(),
-                None if self._prober is None else self._prober.next_deadline(),
-            )
-            if deadline is not None
-        ]
-        return min(deadlines) if deadlines else None
+        earliest = self.membership.next_deadline()
+        for deadline in (
+            self.device.next_deadline(),
+            self.stun_client.next_deadline(),
+            self.traversal.next_deadline(),
+            None if self._prober is None else self._prober.next_deadline(),
+        ):
+            if deadline is not None and (earliest is None or deadline < earliest):
+                earliest = deadline
+        return earliest
 
     def on_timer(self, now: float) -> None:
         self._now = now
