@@ -41,6 +41,7 @@ from meshguard.sansio.traversal import (
     PathKind,
     Traversal,
     TraversalConfig,
+    is_virtual,
 )
 from meshguard.sansio.types import Address, Entropy, RandomSource, WallClock
 from meshguard.sansio.wireguard import (
@@ -76,6 +77,11 @@ class NodeConfig:
     member_stun_servers: int = 2
     """Public members asked for our mapping (two of them also tell the NAT type)."""
     traversal: TraversalConfig = field(default_factory=TraversalConfig)
+    external_wireguard: bool = False
+    """Another WireGuard implementation (wireguard-go, the kernel) owns the tunnels: received
+    WireGuard datagrams are handed out by ``wireguard_datagrams`` instead of decrypted, and
+    that implementation's datagrams go out through ``send_wireguard`` along the member's path.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,12 +217,16 @@ class Node:
         }
         self._outbox: list[tuple[bytes, Address]] = []
         self._events: list[Event] = []
+        self._external: list[tuple[bytes, bytes | None, Address]] = []
+        self._endpoint_owners: dict[Address, bytes] | None = None
+        """Device endpoint → member, for external WireGuard; None: rebuild on next use."""
         self.counters: dict[str, int] = {
             "stun_dropped": 0,
             "meshguard_datagrams": 0,
             "endpoint_update_refused": 0,
             "endpoint_updates_sent": 0,
             "unhandled_message": 0,
+            "external_wireguard_unroutable": 0,
         }
         for server in config.stun_servers:
             self._monitor(server, now)
@@ -256,7 +266,10 @@ class Node:
         """Route one datagram to the machine its first bytes name; never raises."""
         self._now = now
         if _is_wireguard(data):
-            self.device.receive_datagram(data, addr, now)
+            if self.config.external_wireguard:
+                self._external.append((data, self.member_at(addr), addr))
+            else:
+                self.device.receive_datagram(data, addr, now)
         elif codec.classify(data) is codec.DatagramKind.STUN:
             self._receive_stun(data, addr, now)
         else:
@@ -267,6 +280,10 @@ class Node:
     def receive_datagrams(self, datagrams: Sequence[bytes], addr: Address, now: float) -> None:
         """A batch from one address (UDP GRO): WireGuard runs go to the device's fast path."""
         self._now = now
+        if self.config.external_wireguard:
+            for data in datagrams:
+                self.receive_datagram(data, addr, now)
+            return
         start = 0
         for index, data in enumerate(datagrams):
             if not _is_wireguard(data):
@@ -299,7 +316,10 @@ class Node:
         ) and not self.membership.handle_message(sender, message, addr, now):
             self.counters["unhandled_message"] += 1
         for payload, virtual in self.traversal.deliveries():
-            self.device.receive_datagram(payload, virtual, now)
+            if self.config.external_wireguard:
+                self._external.append((payload, self.member_at(virtual), virtual))
+            else:
+                self.device.receive_datagram(payload, virtual, now)
         for origin, relayed, endpoint in self.traversal.relayed_messages():
             if isinstance(relayed, EndpointUpdate) and relayed.record.public_key != origin:
                 self.counters["endpoint_update_refused"] += 1
@@ -372,6 +392,49 @@ class Node:
 
     def tun_packets(self) -> list[bytes]:
         return self.device.tun_packets()
+
+    # -- external WireGuard (NodeConfig.external_wireguard) ------------------------------
+
+    def wireguard_datagrams(self) -> list[tuple[bytes, bytes | None, Address]]:
+        """Received WireGuard datagrams: (datagram, member key or None, source address)."""
+        out, self._external = self._external, []
+        return out
+
+    def send_wireguard(self, public_key: bytes, datagram: bytes, now: float) -> None:
+        """A datagram of the external WireGuard for a member, sent along its current path
+        (direct or punched address, or wrapped for its relay); dropped without a path."""
+        self._now = now
+        peer = self._peers.get(public_key)
+        endpoint = None if peer is None else self.device.peer_stats(peer.wireguard_key).endpoint
+        if endpoint is None:
+            self.counters["external_wireguard_unroutable"] += 1
+            return
+        if not is_virtual(endpoint):
+            self._outbox.append((datagram, endpoint))
+            return
+        wrapped = self.traversal.wrap(datagram, endpoint)
+        if wrapped is None:
+            self.counters["external_wireguard_unroutable"] += 1
+        else:
+            self._outbox.append(wrapped)
+
+    def member_at(self, addr: Address) -> bytes | None:
+        """The peer whose path (or, failing that, advertised endpoint) is ``addr``."""
+        if is_virtual(addr):
+            member = bytes.fromhex(addr[0].rsplit(":", 1)[1])
+            return member if member in self._peers else None
+        if self._endpoint_owners is None:
+            owners: dict[Address, bytes] = {}
+            for key in self._peers:
+                view = self.membership.member(key)
+                for endpoint in () if view is None else view.endpoints:
+                    owners.setdefault(_address_of(endpoint), key)
+            for key, peer in self._peers.items():
+                current = self.device.peer_stats(peer.wireguard_key).endpoint
+                if current is not None:
+                    owners[current] = key
+            self._endpoint_owners = owners
+        return self._endpoint_owners.get(addr)
 
     def events(self) -> list[Event]:
         self._device_events(self._now)
@@ -458,6 +521,7 @@ class Node:
             peer = self._peers.get(key)
             if peer is not None:
                 self.device.set_endpoint(peer.wireguard_key, endpoint)
+                self._endpoint_owners = None
         self._events.extend(self.traversal.events())
 
     def _admit(self, public_key: bytes, now: float) -> None:
@@ -466,6 +530,7 @@ class Node:
             return
         self._ask_member_for_stun(view, now)
         peer = self._peers.get(public_key)
+        self._endpoint_owners = None
         if peer is not None:
             self.traversal.update_member(public_key, view.endpoints, view.nat, now)
             return
@@ -482,7 +547,7 @@ class Node:
         self._events.append(
             PeerAdded(public_key, mesh_ipv4(public_key), mesh_ipv6(public_key), endpoint)
         )
-        if self.config.eager_tunnels:
+        if self.config.eager_tunnels and not self.config.external_wireguard:
             self.device.initiate_handshake(wireguard_key, now)
 
     def _claim_addresses(
@@ -502,6 +567,7 @@ class Node:
         peer = self._peers.pop(public_key, None)
         if peer is None:
             return
+        self._endpoint_owners = None
         self.device.remove_peer(peer.wireguard_key, now)
         del self._member_of[peer.wireguard_key]
         self.traversal.remove_member(public_key, now)
