@@ -67,22 +67,29 @@ class NatBox:
     """One NAT: ``symmetric`` maps per destination, else one mapping per inside address.
 
     Filtering is port-restricted either way: an inbound datagram passes only if the mapping
-    sent to exactly that address and port within ``timeout``.
+    sent to exactly that address and port within ``timeout``. ``conntrack_clash`` models
+    Linux: a dropped unsolicited datagram leaves a conntrack entry, and a later outbound flow
+    whose reply tuple would equal it gets a fresh port instead of the usual mapping.
     """
 
     public_ip: str
     symmetric: bool = False
     random_ports: bool = False
+    conntrack_clash: bool = False
     timeout: float = 30.0
     next_port: int = 40000
     rng: random.Random = field(default_factory=lambda: random.Random(5))
     mappings: dict[tuple[Address, Address | None], int] = field(default_factory=dict)
     inside_of: dict[int, Address] = field(default_factory=dict)
     allowed: dict[tuple[int, Address], float] = field(default_factory=dict)
+    unsolicited: set[tuple[int, Address]] = field(default_factory=set)
 
     def outbound(self, inside: Address, destination: Address, now: float) -> Address:
-        key = (inside, destination if self.symmetric else None)
+        key: tuple[Address, Address | None] = (inside, destination if self.symmetric else None)
         port = self.mappings.get(key)
+        if port is not None and (port, destination) in self.unsolicited:
+            key = (inside, destination)
+            port = self.mappings.get(key)
         if port is None:
             if self.random_ports:
                 port = self.rng.randrange(1024, 65536)
@@ -98,6 +105,8 @@ class NatBox:
 
     def inbound(self, port: int, source: Address, now: float) -> Address | None:
         if self.allowed.get((port, source), -1.0) < now:
+            if self.conntrack_clash and port in self.inside_of:
+                self.unsolicited.add((port, source))
             return None
         self.allowed[(port, source)] = now + self.timeout
         return self.inside_of.get(port)
@@ -707,3 +716,20 @@ def test_endpoint_update_about_someone_else_is_refused() -> None:
     assert net.nodes[0].counters["endpoint_update_refused"] == 1
     seen = net.nodes[0].membership.member(net.keys[2])
     assert seen is not None and seen.endpoints == (Endpoint(*net.where[2]),)
+
+
+def test_linux_conntrack_clash_is_punched_through_with_a_few_extra_ports() -> None:
+    net = TimedNet(
+        [
+            None,
+            NatBox("203.0.113.2", conntrack_clash=True),
+            NatBox("203.0.113.3", conntrack_clash=True),
+        ]
+    )
+    net.join_all()
+    net.run_until(20.0)
+    boxes = [box for box in net.box_of if box is not None]
+    assert any(box.unsolicited for box in boxes), "the race the test is about did not happen"
+    assert net.path(1, 2) is PathKind.PUNCHED and net.path(2, 1) is PathKind.PUNCHED
+    assert net.exchange(1, 2, b"clash")
+    assert counter(net, 0, "relay_forwarded") == 0

@@ -164,6 +164,10 @@ class TraversalConfig:
     """The member with the greater key waits this long for the other to start the punch."""
     spray_ports: int = 64
     """Port prediction: ports above a per-destination-mapping peer's observed port probed."""
+    spray_always: int = 4
+    """Ports above the peer's first candidate probed in every punch. Linux conntrack gives an
+    outbound flow the next free port when the peer's unsolicited probe to our mapping came
+    first (the two flows' tuples clash), so the mapping toward the peer is often +1."""
     keepalive_interval: float = 25.0
     """Probe period on confirmed paths through a NAT (below common 30 s UDP timeouts)."""
     keepalive_misses: int = 3
@@ -187,8 +191,8 @@ class TraversalConfig:
             raise LocalProtocolError("traversal intervals must be positive")
         if min(self.direct_rounds, self.punch_rounds, self.rendezvous_tries) < 1:
             raise LocalProtocolError("traversal rounds and tries must be at least 1")
-        if self.spray_ports < 0 or self.keepalive_misses < 1:
-            raise LocalProtocolError("spray_ports ≥ 0 and keepalive_misses ≥ 1")
+        if min(self.spray_ports, self.spray_always) < 0 or self.keepalive_misses < 1:
+            raise LocalProtocolError("spray counts ≥ 0 and keepalive_misses ≥ 1")
         if self.keepalive_interval <= 0 or not 0 < self.retry_min <= self.retry_max:
             raise LocalProtocolError("keepalive and retry intervals must be positive")
         if self.relay_rate <= 0 or self.relay_burst < 1:
@@ -855,18 +859,17 @@ class Traversal:
         self._tick_session(session, now)
 
     def _spray(self, path: _Path, targets: list[Address]) -> list[Address]:
-        """Port prediction toward a peer whose NAT maps per destination (we do not)."""
-        if (
-            not targets
-            or path.nat.mapping not in _SYMMETRIC
-            or self._nat.mapping in _SYMMETRIC
-            or not self._config.spray_ports
-        ):
+        """Ports above the peer's first candidate: many when its NAT maps per destination
+        and ours does not (port prediction), a few otherwise (conntrack clashes)."""
+        if not targets:
             return []
+        count = self._config.spray_always
+        if path.nat.mapping in _SYMMETRIC and self._nat.mapping not in _SYMMETRIC:
+            count = max(count, self._config.spray_ports)
         host, port = targets[0]
         return [
             (host, p)
-            for p in range(port + 1, min(port + 1 + self._config.spray_ports, 0x10000))
+            for p in range(port + 1, min(port + 1 + count, 0x10000))
             if (host, p) not in targets
         ]
 
