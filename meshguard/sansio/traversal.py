@@ -860,11 +860,13 @@ class Traversal:
 
     def _spray(self, path: _Path, targets: list[Address]) -> list[Address]:
         """Ports above the peer's first candidate: many when its NAT maps per destination
-        and ours does not (port prediction), a few otherwise (conntrack clashes)."""
-        if not targets:
+        and ours does not (port prediction), a few otherwise (conntrack clashes). None when
+        our NAT maps per destination: every probe would burn one of its ports, which makes
+        its next mappings harder to predict."""
+        if not targets or self._nat.mapping in _SYMMETRIC:
             return []
         count = self._config.spray_always
-        if path.nat.mapping in _SYMMETRIC and self._nat.mapping not in _SYMMETRIC:
+        if path.nat.mapping in _SYMMETRIC:
             count = max(count, self._config.spray_ports)
         host, port = targets[0]
         return [
