@@ -15,6 +15,9 @@ Example::
     advertise = ["198.51.100.7:51821"]  # endpoints other members use; default: interfaces
     stun_servers = ["stun.example.net:3478"]  # learn (and advertise) the public endpoint
     relay = false                     # relay WireGuard datagrams between other members
+    data_plane = "userspace"          # or "uapi" (wireguard-go, boringtun) or "kernel"
+    wireguard_go = "/usr/bin/wireguard-go"  # uapi: the wireguard-go to start (default: PATH)
+    uapi_socket = "/var/run/wireguard/wg0.sock"  # uapi: attach to a running one instead
 
     [[wireguard_peer]]              # a plain WireGuard device (phone, router, wireguard-go)
     public_key = "<base64 X25519>"
@@ -84,6 +87,7 @@ class WireGuardPeerSettings:
 
 
 SWIM_PROFILES = ("wan", "lan")
+DATA_PLANES = ("userspace", "uapi", "kernel")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +110,13 @@ class Settings:
     stun_servers: tuple[HostPort, ...] = ()
     relay: bool = False
     """Relay datagrams between members that cannot reach each other (advertised in gossip)."""
+    data_plane: str = "userspace"
+    """Who encrypts: meshguard itself, a UAPI implementation (wireguard-go), or the kernel."""
+    wireguard_go: str | None = None
+    """The wireguard-go executable the uapi data plane starts; None: ``wireguard-go`` on PATH."""
+    uapi_socket: str | None = None
+    """A running UAPI implementation's socket to attach to instead of starting wireguard-go."""
+
 
 
 def load_settings(path: Path) -> Settings:
@@ -134,6 +145,17 @@ def parse_flag_endpoint(flag: str, text: str, *, allow_zero_port: bool = False) 
     return _Parser("command line").endpoint(flag, text, allow_zero_port=allow_zero_port)
 
 
+def check_data_plane(settings: Settings, source: str) -> None:
+    """wireguard_go and uapi_socket only make sense together with the uapi data plane."""
+    if settings.uapi_socket is not None and settings.wireguard_go is not None:
+        raise SettingsError(f"{source}: set either wireguard_go or uapi_socket, not both")
+    if settings.data_plane != "uapi" and (settings.uapi_socket or settings.wireguard_go):
+        raise SettingsError(
+            f"{source}: wireguard_go and uapi_socket need the uapi data plane "
+            f"(data_plane = \"uapi\"), not {settings.data_plane!r}"
+        )
+
+
 class _Parser:
     def __init__(self, source: str) -> None:
         self.source = source
@@ -147,7 +169,9 @@ class _Parser:
         for key, (attribute, parse) in _TOP_LEVEL.items():
             if key in document:
                 values[attribute] = parse(self, key, document[key])
-        return Settings(**values)
+        settings = Settings(**values)
+        check_data_plane(settings, self.source)
+        return settings
 
     def reject_unknown(self, table: Mapping[str, Any], known: set[str], prefix: str) -> None:
         for key in table:
@@ -253,6 +277,18 @@ class _Parser:
             raise self.fail(field, f"expected one of {', '.join(SWIM_PROFILES)}, got {profile!r}")
         return profile
 
+    def data_plane(self, field: str, value: Any) -> str:
+        mode = self.string(field, value)
+        if mode not in DATA_PLANES:
+            raise self.fail(field, f"expected one of {', '.join(DATA_PLANES)}, got {mode!r}")
+        return mode
+
+    def path(self, field: str, value: Any) -> str:
+        text = self.string(field, value)
+        if not text or "\0" in text:
+            raise self.fail(field, "expected a file path")
+        return text
+
     def networks(self, field: str, value: Any) -> tuple[Network, ...]:
         if not isinstance(value, list):
             raise self.fail(field, f"expected a list of CIDR strings, got {_kind(value)}")
@@ -321,6 +357,9 @@ _TOP_LEVEL: dict[str, _Field] = {
     "advertise": ("advertise", _Parser.ip_endpoints),
     "stun_servers": ("stun_servers", _Parser.endpoints),
     "relay": ("relay", _Parser.boolean),
+    "data_plane": ("data_plane", _Parser.data_plane),
+    "wireguard_go": ("wireguard_go", _Parser.path),
+    "uapi_socket": ("uapi_socket", _Parser.path),
 }
 
 _PEER_FIELDS: dict[str, _Field] = {

@@ -86,7 +86,7 @@ def test_every_mesh_key_is_read() -> None:
         ("listen_port = 70000", "listen_port: must be between 0 and 65535, got 70000"),
         ('mtu = "big"', "mtu: expected an integer, got a string"),
         ('interface = "far-too-long-name0"', "interface: 'far-too-long-name0' is not"),
-        ("sedes = []", "sedes: unknown setting (known: advertise, dns_seed_domain"),
+        ("sedes = []", "sedes: unknown setting (known: advertise, data_plane, dns_seed_domain"),
         ('seeds = "192.0.2.1:51821"', 'seeds: expected a list of "host:port" strings'),
         ('seeds = ["192.0.2.1"]', "seeds[0]: expected host:port or [IPv6]:port"),
         ('seeds = ["2001:db8::1:51821"]', "seeds[0]: write an IPv6 endpoint as [address]:port"),
@@ -97,6 +97,16 @@ def test_every_mesh_key_is_read() -> None:
         ('mdns = "yes"', "mdns: expected true or false, got a string"),
         ("eager_tunnels = 1", "eager_tunnels: expected true or false, got an integer"),
         ('relay = "on"', "relay: expected true or false, got a string"),
+        ('data_plane = "fast"', "data_plane: expected one of userspace, uapi, kernel, got 'fast'"),
+        ("wireguard_go = 3", "wireguard_go: expected a string, got an integer"),
+        (
+            'wireguard_go = "/usr/bin/wireguard-go"',
+            "wireguard_go and uapi_socket need the uapi data plane",
+        ),
+        (
+            'data_plane = "uapi"\nwireguard_go = "wg"\nuapi_socket = "/run/wg.sock"',
+            "set either wireguard_go or uapi_socket, not both",
+        ),
         ('metrics = "9101"', "metrics: expected host:port or [IPv6]:port, got '9101'"),
         ('swim_profile = "fast"', "swim_profile: expected one of wan, lan, got 'fast'"),
         ('advertise = ["host.example:51821"]', "advertise[0]: 'host.example' is not an IP"),
@@ -211,3 +221,12 @@ def test_bad_wireguard_peers_are_one_line_naming_the_field(table: str, message: 
 def test_wireguard_peer_must_be_an_array_of_tables() -> None:
     with pytest.raises(SettingsError, match="wireguard_peer: expected \\[\\[wireguard_peer\\]\\]"):
         parse_settings("wireguard_peer = 3")
+
+
+def test_data_plane_settings() -> None:
+    settings = parse_settings('data_plane = "uapi"\nuapi_socket = "/run/wireguard/wg9.sock"')
+    assert settings.data_plane == "uapi"
+    assert settings.uapi_socket == "/run/wireguard/wg9.sock"
+    assert settings.wireguard_go is None
+    assert parse_settings('data_plane = "kernel"').data_plane == "kernel"
+    assert parse_settings("").data_plane == "userspace"
