@@ -244,6 +244,8 @@ class _Path:
     rtt: float | None = None
     session: int | None = None
     """Our own check or punch for this member (the target side's sessions are not here)."""
+    found_directly: bool = False
+    """The working address answered a direct check (not a rendezvous punch)."""
     retry_at: float | None = None
     retry_delay: float = 0.0
     keepalive_id: int = 0
@@ -360,7 +362,9 @@ class Traversal:
     def update_member(
         self, key: bytes, endpoints: Sequence[Endpoint], nat: NatInfo, now: float
     ) -> None:
-        """A member signed a new record: new endpoints (roaming) mean searching again."""
+        """A member signed a new record. New endpoints (roaming): a working path whose
+        address is no longer advertised is checked against the new ones (the first to answer
+        wins, so a path that still works stays); a relayed one tries to upgrade at once."""
         path = self._paths.get(key)
         if path is None:
             return
@@ -374,6 +378,13 @@ class Traversal:
             path.retry_delay = 0.0
             path.retry_at = now
             self._schedule_path(path)
+            return
+        if path.kind in (PathKind.DIRECT, PathKind.PUNCHED) and path.endpoint is not None:
+            if path.endpoint not in addresses:
+                self._cancel_own_session(path)
+                self._start_direct(path, [*addresses, path.endpoint], now)
+            elif path.kind is PathKind.PUNCHED and self._is_direct(path, path.endpoint):
+                self._set_kind(path, PathKind.DIRECT, path.endpoint, None, rtt=path.rtt)
             return
         if addresses:
             self._set_endpoint(path, addresses[0])
@@ -645,6 +656,10 @@ class Traversal:
         if not targets or self._needs_punch(path):
             self._start_punch(path, now, defer=True)
             return
+        self._start_direct(path, targets, now)
+
+    def _start_direct(self, path: _Path, targets: list[Address], now: float) -> None:
+        """Probe ``targets`` for a few rounds; the current path stays until one answers."""
         session = self._new_session(path.key, _Purpose.DIRECT, targets, now)
         session.rounds_left = self._config.direct_rounds
         session.next_round = now
@@ -663,11 +678,7 @@ class Traversal:
             if session is not None and session.next_round is None and not session.targets:
                 return
             self._cancel_own_session(path)
-        session = self._new_session(path.key, _Purpose.DIRECT, [addr], now)
-        session.rounds_left = self._config.direct_rounds
-        session.next_round = now
-        path.session = session.session_id
-        self._tick_session(session, now)
+        self._start_direct(path, [addr], now)
 
     def _start_punch(self, path: _Path, now: float, *, defer: bool) -> None:
         """Punch through a rendezvous; with ``defer``, the greater key lets the other start."""
@@ -790,6 +801,13 @@ class Traversal:
             now + self._config.keepalive_interval if self._keeps_alive(path) else None
         )
         self._schedule_path(path)
+
+    @staticmethod
+    def _is_direct(path: _Path, addr: Address) -> bool:
+        """An advertised endpoint found by a direct check, or one of a public member."""
+        return addr in path.endpoints and (
+            path.found_directly or path.nat.mapping is NatMapping.NONE
+        )
 
     def _keeps_alive(self, path: _Path) -> bool:
         """Whether we send the keepalives of this path: the side behind a NAT does; when
@@ -934,9 +952,8 @@ class Traversal:
         if path is None:
             return
         self.counters["probe_round_trips"] += 1
-        if addr in path.endpoints and (
-            session.purpose is _Purpose.DIRECT or path.nat.mapping is NatMapping.NONE
-        ):
+        path.found_directly = session.purpose is _Purpose.DIRECT
+        if self._is_direct(path, addr):
             kind = PathKind.DIRECT
             self.counters["direct_found"] += 1
         else:
