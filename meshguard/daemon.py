@@ -35,7 +35,13 @@ from pathlib import Path
 from meshguard.config import ConfigPaths, config_paths
 from meshguard.errors import UserError
 from meshguard.identity.keyfile import load_identity
-from meshguard.settings import Settings, load_settings, parse_flag_endpoint
+from meshguard.settings import (
+    Settings,
+    SettingsError,
+    check_data_plane,
+    load_settings,
+    parse_flag_endpoint,
+)
 
 log = logging.getLogger("meshguard")
 
@@ -66,6 +72,28 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--metrics",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (overrides the file)",
+    )
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument(
+        "--kernel",
+        action="store_true",
+        help="data plane: the kernel's WireGuard (needs its module), configured over netlink",
+    )
+    modes.add_argument(
+        "--uapi",
+        action="store_true",
+        help="data plane: start wireguard-go and drive it over its UAPI socket",
+    )
+    parser.add_argument(
+        "--wireguard-go",
+        metavar="PATH",
+        help="the wireguard-go executable for --uapi (default: wireguard-go on PATH)",
+    )
+    parser.add_argument(
+        "--uapi-socket",
+        metavar="PATH",
+        help="attach to a running UAPI implementation (boringtun, wireguard-go) at PATH; "
+        "implies --uapi",
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="log debug details")
     parser.add_argument(
@@ -98,6 +126,28 @@ def _settings(args: argparse.Namespace, paths: ConfigPaths) -> Settings:
         settings = dataclasses.replace(
             settings, metrics=parse_flag_endpoint("--metrics", metrics, allow_zero_port=True)
         )
+    return _data_plane_flags(args, settings)
+
+
+def _data_plane_flags(args: argparse.Namespace, settings: Settings) -> Settings:
+    """--kernel, --uapi, --wireguard-go and --uapi-socket over the file's data plane keys."""
+    wireguard_go: str | None = getattr(args, "wireguard_go", None)
+    uapi_socket: str | None = getattr(args, "uapi_socket", None)
+    if getattr(args, "kernel", False):
+        if wireguard_go is not None or uapi_socket is not None:
+            raise SettingsError("command line: --wireguard-go and --uapi-socket need --uapi")
+        return dataclasses.replace(
+            settings, data_plane="kernel", wireguard_go=None, uapi_socket=None
+        )
+    if getattr(args, "uapi", False) or wireguard_go is not None or uapi_socket is not None:
+        if wireguard_go is not None and uapi_socket is not None:
+            raise SettingsError("command line: give --wireguard-go or --uapi-socket, not both")
+        if wireguard_go is not None or uapi_socket is not None:
+            settings = dataclasses.replace(
+                settings, wireguard_go=wireguard_go, uapi_socket=uapi_socket
+            )
+        settings = dataclasses.replace(settings, data_plane="uapi")
+    check_data_plane(settings, "command line")
     return settings
 
 

@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import ifaddr
@@ -40,10 +41,13 @@ from meshguard.discovery import (
     lookup_dns_seeds,
     resolve_seeds,
 )
+from meshguard.drivers.kernel_wg import KernelWireGuard
 from meshguard.drivers.loop import DataPlane
 from meshguard.drivers.netlink import configure_interface
 from meshguard.drivers.tun import TunDevice
+from meshguard.drivers.uapi import ExternalPeerStats, UapiClient, WireGuardGo
 from meshguard.drivers.udp import UdpSocket
+from meshguard.drivers.wgproxy import ExternalWireGuard, ProxyPlane, UapiWireGuard
 from meshguard.errors import UserError
 from meshguard.identity.keys import Identity
 from meshguard.identity.meshaddr import mesh_ipv4, mesh_ipv6
@@ -246,7 +250,10 @@ class MeshCore:
         self.clock: Callable[[], float] = time.monotonic
 
     def tun_packets(self) -> list[bytes]:
-        packets = self.node.tun_packets()
+        return self.take_ping_replies(self.node.tun_packets())
+
+    def take_ping_replies(self, packets: list[bytes]) -> list[bytes]:
+        """Complete the pings these IPv4 packets answer; returns the other packets."""
         if not self.pings or not packets:
             return packets
         now = self.clock()
@@ -348,8 +355,13 @@ class MeshDaemon:
         self.ping_identifier = random.SystemRandom().randrange(1, 1 << 16)
         self.node: Node
         self.core: MeshCore
-        self.plane: DataPlane
+        self.plane: DataPlane | ProxyPlane
         self.saver: StateSaver
+        self.external: ExternalWireGuard | None = None
+        """The WireGuard implementation that owns the tunnels in uapi/kernel mode."""
+        self.icmp: socket.socket | None = None
+        """Raw ICMP socket for ``meshguard ping`` when the tunnel is not ours to read."""
+        self.interface = settings.interface
 
     # -- trust ---------------------------------------------------------------------------
 
@@ -480,7 +492,12 @@ class MeshDaemon:
         }
         traffic = []
         tunnels = 0
-        for wireguard_key in node.device.peers():
+        if self.external is not None:
+            for wireguard_key, external in sorted(self._external_stats().items()):
+                tunnels += external.last_handshake is not None
+                label = peer_label(names_by_wireguard_key.get(wireguard_key), wireguard_key)
+                traffic.append(PeerTraffic(label, external.rx_bytes, external.tx_bytes))
+        for wireguard_key in () if self.external is not None else node.device.peers():
             stats = node.device.peer_stats(wireguard_key)
             tunnels += stats.handshake_completed
             label = peer_label(names_by_wireguard_key.get(wireguard_key), wireguard_key)
@@ -499,9 +516,20 @@ class MeshDaemon:
 
     # -- control.StatusSource -------------------------------------------------------------
 
+    def _external_stats(self) -> dict[bytes, ExternalPeerStats]:
+        """Per-peer counters of the external WireGuard, by X25519 key (empty in userspace)."""
+        if self.external is None:
+            return {}
+        try:
+            return self.external.peer_stats()
+        except UserError as error:
+            log.warning("event=external_stats_failed error=%s", _logfmt_value(str(error)))
+            return {}
+
     def status(self) -> control.Status:
         node = self.node
         tunnels = set(node.peer_keys())
+        external = self._external_stats()
         advertised = {
             view.public_key: view.endpoints for view in node.membership.members() if view.endpoints
         }
@@ -512,6 +540,14 @@ class MeshDaemon:
             if endpoint is None and key in advertised:
                 first = advertised[key][0]
                 endpoint = _address_text((first.host, first.port))
+            stats = external.get(node.wireguard_key_of(key)) if key in tunnels else None
+            if stats is not None:
+                row = dataclasses.replace(
+                    row,
+                    last_handshake=stats.last_handshake,
+                    rx_bytes=stats.rx_bytes,
+                    tx_bytes=stats.tx_bytes,
+                )
             members.append(
                 control.MemberStatus(
                     name=self.names.get(key, "-"),
@@ -533,9 +569,9 @@ class MeshDaemon:
                 public_key=_key_text(own),
                 mesh_ipv4=str(mesh_ipv4(own)),
                 mesh_ipv6=str(mesh_ipv6(own)),
-                interface=self.settings.interface,
+                interface=self.interface,
                 listen_port=self.plane.udp.port,
-                data_plane="userspace",
+                data_plane=self.settings.data_plane,
                 uptime=time.monotonic() - self.started,
             ),
             members=members,
@@ -569,7 +605,31 @@ class MeshDaemon:
         )
         key = (destination.packed, self.ping_identifier, self.ping_sequence)
         self.core.pings[key] = _Ping(public_key, now, now + timeout, done)
-        self.node.send_packets([packet], now)
+        if self.icmp is None:
+            self.node.send_packets([packet], now)
+            return
+        try:
+            self.icmp.sendto(packet[20:], (str(destination), 0))
+        except OSError as error:
+            del self.core.pings[key]
+            done(
+                control.PingResult(
+                    reply=False, rtt_ms=None, path="-", endpoint=None,
+                    detail=f"cannot send: {error.strerror or error}",
+                )
+            )  # fmt: skip
+
+    def _on_icmp(self) -> None:
+        """Echo replies read from the raw ICMP socket (the external WireGuard delivered
+        them to the kernel, not to us)."""
+        assert self.icmp is not None
+        packets = []
+        for _ in range(64):
+            try:
+                packets.append(self.icmp.recv(65535))
+            except (BlockingIOError, InterruptedError):
+                break
+        self.core.take_ping_replies(packets)
 
     def shutdown(self) -> None:
         self.leave_and_stop("control")
@@ -617,15 +677,6 @@ class MeshDaemon:
         server = control.ControlServer(control.socket_path(self.paths.directory), self)
         stack.callback(server.close)
 
-        if remove_stale_interface(settings.interface):
-            log.warning("event=stale_interface_removed interface=%s", settings.interface)
-        try:
-            tun = TunDevice(settings.interface, offloads=self.offloads)
-        except OSError as error:
-            raise UserError(
-                f"cannot create interface {settings.interface}: {error.strerror or error}"
-            ) from None
-        stack.callback(tun.close)
         try:
             udp = UdpSocket(settings.listen_port, offloads=self.offloads)
         except OSError as error:
@@ -633,24 +684,30 @@ class MeshDaemon:
                 f"cannot bind UDP port {settings.listen_port}: {error.strerror or error}"
             ) from None
         stack.callback(udp.close)
+        tun: TunDevice | None = None
+        wireguard_port = 0
+        if settings.data_plane == "userspace":
+            tun = self._open_tun(stack)
+        else:
+            wireguard_port = self._start_external(stack)
         own = self.identity.public_key
         ipv4 = ipaddress.ip_interface(f"{mesh_ipv4(own)}/{MESH_IPV4_PREFIX}")
         ipv6 = ipaddress.ip_interface(f"{mesh_ipv6(own)}/{MESH_IPV6_PREFIX}")
         static_routes = [n for peer in settings.wireguard_peers for n in peer.allowed_ips]
         try:
             configure_interface(
-                tun.name,
+                self.interface,
                 mtu=settings.mtu,
                 addresses=[ipv4, ipv6],
                 routes=[*MESH_ROUTES, *static_routes],
             )
         except OSError as error:
-            raise UserError(f"cannot configure interface {tun.name}: {error}") from None
+            raise UserError(f"cannot configure interface {self.interface}: {error}") from None
 
         if settings.advertise:
             self.base_endpoints = [Endpoint(e.host, e.port) for e in settings.advertise]
         else:
-            self.base_endpoints = _interface_endpoints(udp.port, tun.name)
+            self.base_endpoints = _interface_endpoints(udp.port, self.interface)
         stun_servers, problems = resolve_seeds(Seed(e.host, e.port) for e in settings.stun_servers)
         for problem in problems:
             log.warning("event=stun_server_unresolved reason=%s", _logfmt_value(problem))
@@ -664,6 +721,7 @@ class MeshDaemon:
                 eager_tunnels=settings.eager_tunnels,
                 stun_servers=tuple(stun_servers),
                 allow_relay=settings.relay,
+                external_wireguard=self.external is not None,
             ),
             trusted_keys=trusted,
             advertised_endpoints=self.base_endpoints,
@@ -672,18 +730,25 @@ class MeshDaemon:
             wallclock=time.time,
             now=now,
         )
-        for peer in settings.wireguard_peers:
-            self.node.device.add_peer(
-                peer.public_key,
-                allowed_ips=peer.allowed_ips,
-                endpoint=None if peer.endpoint is None else _resolve(peer.endpoint),
-                preshared_key=peer.preshared_key,
-                persistent_keepalive=peer.persistent_keepalive,
-                now=now,
-            )
+        self._add_static_peers(now)
         self.core = MeshCore(self.node, self.housekeeping, now)
-        self.plane = DataPlane(self.core, tun, udp, mtu=settings.mtu, on_event=self.on_event)
-        stack.callback(self.plane.close)
+        if tun is not None:
+            self.plane = DataPlane(self.core, tun, udp, mtu=settings.mtu, on_event=self.on_event)
+            stack.callback(self.plane.close)
+        else:
+            assert self.external is not None
+            self.plane = ProxyPlane(
+                self.core,
+                self.external,
+                udp,
+                wireguard_port=wireguard_port,
+                on_event=self.on_event,
+            )
+            stack.callback(self.plane.close)
+            self.icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+            self.icmp.setblocking(False)
+            stack.callback(self.icmp.close)
+            self.plane.add_reader(self.icmp.fileno(), self._on_icmp)
         self.plane.add_reader(signal_read, lambda: self._on_signals(signal_read))
         self.plane.add_reader(server.fileno(), server.handle_ready)
 
@@ -695,17 +760,20 @@ class MeshDaemon:
         metrics = self._start_metrics(stack)
 
         log.info(
-            "event=started interface=%s mtu=%d listen_port=%d public_key=%s wg_public_key=%s "
-            "ipv4=%s ipv6=%s tun_offload=%s udp_gso=%s udp_gro=%s peers=%d trusted=%d "
-            "seeds=%d mdns=%s metrics=%s swim_profile=%s advertise=%s",
-            tun.name,
+            "event=started interface=%s data_plane=%s wireguard_port=%s mtu=%d listen_port=%d "
+            "public_key=%s wg_public_key=%s ipv4=%s ipv6=%s tun_offload=%s udp_gso=%s "
+            "udp_gro=%s peers=%d trusted=%d seeds=%d mdns=%s metrics=%s swim_profile=%s "
+            "advertise=%s",
+            self.interface,
+            settings.data_plane,
+            wireguard_port or "-",
             settings.mtu,
             udp.port,
             _key_text(own),
             _key_text(self.node.device.public_key),
             ipv4.ip,
             ipv6.ip,
-            tun.vnet_hdr,
+            "-" if tun is None else tun.vnet_hdr,
             udp.gso,
             udp.gro,
             len(settings.wireguard_peers),
@@ -719,6 +787,69 @@ class MeshDaemon:
         self.plane.run()
         self._log_summary()
         return 0
+
+    def _open_tun(self, stack: contextlib.ExitStack) -> TunDevice:
+        """The userspace data plane's TUN (a crash's idle leftover of that name removed)."""
+        name = self.settings.interface
+        if remove_stale_interface(name):
+            log.warning("event=stale_interface_removed interface=%s", name)
+        try:
+            tun = TunDevice(name, offloads=self.offloads)
+        except OSError as error:
+            raise UserError(f"cannot create interface {name}: {error.strerror or error}") from None
+        stack.callback(tun.close)
+        self.interface = tun.name
+        return tun
+
+    def _start_external(self, stack: contextlib.ExitStack) -> int:
+        """Start or attach to the WireGuard implementation of the uapi/kernel data plane, give
+        it our X25519 key; returns the port it listens on (reached over loopback)."""
+        settings = self.settings
+        if settings.data_plane == "kernel":
+            kernel = KernelWireGuard(settings.interface)
+            stack.callback(kernel.close)
+            self.external = kernel
+            return kernel.configure(self.identity.x25519_private)
+        if settings.uapi_socket is not None:
+            path = Path(settings.uapi_socket)
+            self.interface = path.name.removesuffix(".sock")
+        else:
+            if remove_stale_interface(settings.interface):
+                log.warning("event=stale_interface_removed interface=%s", settings.interface)
+            wireguard_go = WireGuardGo(settings.wireguard_go or "wireguard-go", settings.interface)
+            stack.callback(wireguard_go.close)
+            log.info(
+                "event=wireguard_go_started pid=%d interface=%s socket=%s",
+                wireguard_go.process.pid,
+                settings.interface,
+                wireguard_go.socket,
+            )
+            path = wireguard_go.socket
+        uapi = UapiWireGuard(UapiClient(path))
+        self.external = uapi
+        return uapi.configure(self.identity.x25519_private)
+
+    def _add_static_peers(self, now: float) -> None:
+        """``[[wireguard_peer]]`` entries: peers of our device, or of the external one."""
+        for peer in self.settings.wireguard_peers:
+            endpoint = None if peer.endpoint is None else _resolve(peer.endpoint)
+            if self.external is not None:
+                self.external.set_peer(
+                    peer.public_key,
+                    endpoint=endpoint,
+                    allowed_ips=peer.allowed_ips,
+                    persistent_keepalive=peer.persistent_keepalive,
+                    preshared_key=peer.preshared_key,
+                )
+                continue
+            self.node.device.add_peer(
+                peer.public_key,
+                allowed_ips=peer.allowed_ips,
+                endpoint=endpoint,
+                preshared_key=peer.preshared_key,
+                persistent_keepalive=peer.persistent_keepalive,
+                now=now,
+            )
 
     def _start_mdns(self, stack: contextlib.ExitStack, port: int) -> LanDiscovery | None:
         if not self.settings.mdns:

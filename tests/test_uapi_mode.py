@@ -1,0 +1,204 @@
+"""``meshguard run --uapi``: wireguard-go owns the tunnels, meshguard the mesh port (real, root).
+
+Three hosts on one bridge (network namespaces created here): ``u1`` and ``u2`` run
+``meshguard run --uapi`` (each starting its own wireguard-go, with its own interface name so
+the UAPI sockets in /var/run/wireguard never collide), ``s`` runs the default userspace data
+plane. They find each other through seeds. Asserted: the two wireguard-go nodes ping each
+other's mesh IPv4 and IPv6 through wireguard-go's tunnel and see each other alive; the
+userspace node and a wireguard-go node exchange traffic both ways (the one-port proxy is
+wire-compatible with meshguard's own WireGuard); ``meshguard ping`` works through the raw
+ICMP socket; and on exit wireguard-go is gone, its socket and interface removed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshguard.config import config_paths
+from meshguard.control import ControlClient, ControlError
+from meshguard.identity.keyfile import save_identity
+from meshguard.identity.keys import Identity, public_key_to_base64
+from meshguard.identity.meshaddr import mesh_ipv4, mesh_ipv6
+from meshguard.identity.trust import TrustStore
+from tests.dataplane_lab import REPO, tcp_transfer
+from tests.netns import Lab, Namespace, add_bridge, plug_into_bridge, wait_until
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+PORT = 51821
+UNDERLAY = {"u1": "192.168.70.1", "u2": "192.168.70.2", "s": "192.168.70.3"}
+SEED_OF = {"u1": "u2", "u2": "u1", "s": "u1"}
+UAPI_HOSTS = ("u1", "u2")
+
+
+@dataclass
+class Host:
+    name: str
+    ns: Namespace
+    directory: Path
+    interface: str
+    uapi: bool
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.directory.mkdir(parents=True)
+        identity = Identity.generate(os.urandom)
+        save_identity(config_paths(self.directory).private_key, identity)
+        self.key = identity.public_key
+        self.public_key = public_key_to_base64(identity.public_key)
+        self.ipv4, self.ipv6 = str(mesh_ipv4(self.key)), str(mesh_ipv6(self.key))
+        self.log_path = self.directory / "daemon.log"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self, seed: str) -> None:
+        (self.directory / "meshguard.toml").write_text(
+            f'listen_port = {PORT}\nswim_profile = "lan"\nmdns = false\n'
+            f'interface = "{self.interface}"\nseeds = ["{seed}:{PORT}"]\n'
+        )
+        log = self.log_path.open("ab")
+        command = [sys.executable, "-m", "meshguard", "--config-dir", str(self.directory), "run"]
+        self.process = self.ns.popen(
+            command + (["--uapi"] if self.uapi else []),
+            env={"PYTHONPATH": str(REPO), "PATH": os.environ["PATH"]},
+            cwd=REPO,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+
+    def started(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"{self.name} exited:\n{self.log()[-3000:]}")
+        return "event=started" in self.log()
+
+    def status(self) -> dict[str, Any]:
+        with ControlClient(self.directory, timeout=3) as client:
+            return client.status()
+
+    def sees_alive(self, others: list[Host]) -> bool:
+        try:
+            rows = {row["public_key"]: row for row in self.status()["members"]}
+        except ControlError:
+            return False
+        return all(rows.get(o.public_key, {}).get("state") == "alive" for o in others)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "meshguard", "--config-dir", str(self.directory), *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            cwd=REPO,
+            timeout=60,
+            check=False,
+        )
+
+
+def _ping(host: Host, address: str, count: int = 3) -> bool:
+    proc = host.ns.run(
+        ["ping", "-c", str(count), "-i", "0.2", "-W", "2", address], check=False, timeout=60
+    )
+    return proc.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Host]]:
+    root = tmp_path_factory.mktemp("uapi")
+    with Lab(prefix="mgu") as lab:
+        switch = lab.namespace("sw")
+        add_bridge(switch, "lan")
+        found: dict[str, Host] = {}
+        for name, address in UNDERLAY.items():
+            ns = lab.namespace(name)
+            plug_into_bridge(lab, ns, switch, "lan", f"{address}/24")
+            interface = f"wg{lab.suffix}{name}"
+            found[name] = Host(name, ns, root / name, interface, uapi=name in UAPI_HOSTS)
+        for host in found.values():
+            for other in found.values():
+                if other is not host:
+                    TrustStore(config_paths(host.directory).authorized_keys).add(
+                        other.name, other.key
+                    )
+        for name, host in found.items():
+            host.start(UNDERLAY[SEED_OF[name]])
+            assert host.process is not None
+            lab.processes.append(host.process)
+        for host in found.values():
+            wait_until(host.started, timeout=30, what=f"{host.name} to start")
+        yield found
+
+
+def test_uapi_nodes_ping_each_other_through_wireguard_go(hosts: dict[str, Host]) -> None:
+    u1, u2 = hosts["u1"], hosts["u2"]
+    wait_until(lambda: u1.sees_alive([u2]) and u2.sees_alive([u1]), timeout=30, what="mesh")
+    for source, target in ((u1, u2), (u2, u1)):
+        assert _ping(source, target.ipv4), f"{source.name} -> {target.ipv4}\n{source.log()}"
+        assert _ping(source, target.ipv6), f"{source.name} -> {target.ipv6}"
+    # The traffic went through wireguard-go's interface, and its UAPI counters show it.
+    for host in (u1, u2):
+        link = host.ns.run(["ip", "-d", "link", "show", host.interface]).stdout
+        assert "tun" in link
+        status = host.status()
+        assert status["node"]["data_plane"] == "uapi"
+        (row,) = [r for r in status["members"] if r["public_key"] != hosts["s"].public_key]
+        assert row["state"] == "alive" and row["tunnel"]
+        assert row["rx_bytes"] > 0 and row["tx_bytes"] > 0 and row["last_handshake"]
+
+
+def test_status_json_shows_each_other_alive(hosts: dict[str, Host]) -> None:
+    u1, u2 = hosts["u1"], hosts["u2"]
+    wait_until(lambda: u1.sees_alive([u2]) and u2.sees_alive([u1]), timeout=30, what="mesh")
+    for host, other in ((u1, u2), (u2, u1)):
+        proc = host.cli("status", "--json")
+        assert proc.returncode == 0, proc.stderr
+        text = proc.stdout
+        assert other.public_key in text and '"alive"' in text
+
+
+def test_mixed_mesh_userspace_and_wireguard_go(hosts: dict[str, Host]) -> None:
+    s, u1 = hosts["s"], hosts["u1"]
+    wait_until(lambda: s.sees_alive([u1]) and u1.sees_alive([s]), timeout=30, what="mesh")
+    assert _ping(s, u1.ipv4), s.log()[-3000:]
+    assert _ping(u1, s.ipv4), u1.log()[-3000:]
+    assert _ping(u1, s.ipv6)
+    sent, received = tcp_transfer(s.ns, u1.ns, u1.ipv4, 2_000_000)
+    assert sent == received
+    sent, received = tcp_transfer(u1.ns, s.ns, s.ipv6, 2_000_000)
+    assert sent == received
+
+
+def test_meshguard_ping_uses_raw_icmp(hosts: dict[str, Host]) -> None:
+    u1, u2 = hosts["u1"], hosts["u2"]
+    proc = u1.cli("ping", u2.public_key)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "direct" in proc.stdout and "ms" in proc.stdout
+
+
+def test_exit_stops_wireguard_go_and_removes_its_socket(hosts: dict[str, Host]) -> None:
+    for name in UAPI_HOSTS:
+        host = hosts[name]
+        match = re.search(r"event=wireguard_go_started pid=(\d+)", host.log())
+        assert match is not None
+        pid = int(match.group(1))
+        socket_file = Path("/var/run/wireguard") / f"{host.interface}.sock"
+        assert socket_file.exists() and os.path.exists(f"/proc/{pid}")
+        proc = host.cli("down")
+        assert proc.returncode == 0, proc.stderr
+        assert host.process is not None
+        assert host.process.wait(timeout=20) == 0, host.log()[-2000:]
+        assert not os.path.exists(f"/proc/{pid}")
+        assert not socket_file.exists()
+        link = host.ns.run(["ip", "link", "show", host.interface], check=False)
+        assert link.returncode != 0
