@@ -894,4 +894,4 @@ class MeshDaemon:
             )
         drops = " ".join(f"{name}={count}" for name, count in sorted(device.counters.items()))
         counters = " ".join(f"{k}={v}" for k, v in vars(self.plane.counters).items())
-        log.info("event=stopped %s %s", drops, counters)
+        log.info("event=stopped %s", " ".join(part for part in (drops, counters) if part))

@@ -83,7 +83,7 @@ class Host:
             raise AssertionError(f"{self.name} exited:\n{self.log()[-3000:]}")
         return "event=started" in self.log()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Any:
         with ControlClient(self.directory, timeout=3) as client:
             return client.status()
 
@@ -113,6 +113,20 @@ def _ping(host: Host, address: str, count: int = 3) -> bool:
     return proc.returncode == 0
 
 
+def _only_mesh_port(ns: Namespace) -> None:
+    """Drop UDP from outside to any port but the mesh port: wireguard-go's own listening
+    port is unreachable, so every tunnel datagram must pass meshguard's proxy."""
+    ns.run(["nft", "add", "table", "inet", "onlymesh"])
+    ns.run(
+        ["nft", "add", "chain", "inet", "onlymesh", "input",
+         "{ type filter hook input priority 0 ; }"]
+    )  # fmt: skip
+    ns.run(
+        ["nft", "add", "rule", "inet", "onlymesh", "input",
+         "iifname", "!=", "lo", "udp", "dport", "!=", str(PORT), "drop"]
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Host]]:
     root = tmp_path_factory.mktemp("uapi")
@@ -125,6 +139,8 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Host]]
             plug_into_bridge(lab, ns, switch, "lan", f"{address}/24")
             interface = f"wg{lab.suffix}{name}"
             found[name] = Host(name, ns, root / name, interface, uapi=name in UAPI_HOSTS)
+            if name in UAPI_HOSTS:
+                _only_mesh_port(ns)
         for host in found.values():
             for other in found.values():
                 if other is not host:
@@ -173,6 +189,8 @@ def test_mixed_mesh_userspace_and_wireguard_go(hosts: dict[str, Host]) -> None:
     assert _ping(s, u1.ipv4), s.log()[-3000:]
     assert _ping(u1, s.ipv4), u1.log()[-3000:]
     assert _ping(u1, s.ipv6)
+    rows = {row["public_key"]: row for row in s.status()["members"]}
+    assert rows[u1.public_key]["endpoint"] == f"{UNDERLAY['u1']}:{PORT}"
     sent, received = tcp_transfer(s.ns, u1.ns, u1.ipv4, 2_000_000)
     assert sent == received
     sent, received = tcp_transfer(u1.ns, s.ns, s.ipv6, 2_000_000)
