@@ -260,11 +260,11 @@ class ProxyPlane:
         return received
 
     def _from_proxy(self, proxy: _Proxy) -> None:
-        now = self.clock()
-        for data in self._read_loopback(proxy.sock):
-            self.node.send_wireguard(proxy.member, data, now)
-            self.counters.to_mesh += 1
-        self._flush()
+        received = self._read_loopback(proxy.sock)
+        if received:
+            self.node.send_wireguard(proxy.member, received, self.clock())
+            self.counters.to_mesh += len(received)
+            self._flush()
 
     def _from_shared(self) -> None:
         received = self._read_loopback(self._shared)

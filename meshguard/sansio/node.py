@@ -281,8 +281,12 @@ class Node:
         """A batch from one address (UDP GRO): WireGuard runs go to the device's fast path."""
         self._now = now
         if self.config.external_wireguard:
+            member = self.member_at(addr)
             for data in datagrams:
-                self.receive_datagram(data, addr, now)
+                if _is_wireguard(data):
+                    self._external.append((data, member, addr))
+                else:
+                    self.receive_datagram(data, addr, now)
             return
         start = 0
         for index, data in enumerate(datagrams):
@@ -400,23 +404,24 @@ class Node:
         out, self._external = self._external, []
         return out
 
-    def send_wireguard(self, public_key: bytes, datagram: bytes, now: float) -> None:
-        """A datagram of the external WireGuard for a member, sent along its current path
+    def send_wireguard(self, public_key: bytes, datagrams: Sequence[bytes], now: float) -> None:
+        """Datagrams of the external WireGuard for a member, sent along its current path
         (direct or punched address, or wrapped for its relay); dropped without a path."""
         self._now = now
         peer = self._peers.get(public_key)
         endpoint = None if peer is None else self.device.peer_stats(peer.wireguard_key).endpoint
         if endpoint is None:
-            self.counters["external_wireguard_unroutable"] += 1
+            self.counters["external_wireguard_unroutable"] += len(datagrams)
             return
         if not is_virtual(endpoint):
-            self._outbox.append((datagram, endpoint))
+            self._outbox.extend((datagram, endpoint) for datagram in datagrams)
             return
-        wrapped = self.traversal.wrap(datagram, endpoint)
-        if wrapped is None:
-            self.counters["external_wireguard_unroutable"] += 1
-        else:
-            self._outbox.append(wrapped)
+        for datagram in datagrams:
+            wrapped = self.traversal.wrap(datagram, endpoint)
+            if wrapped is None:
+                self.counters["external_wireguard_unroutable"] += 1
+            else:
+                self._outbox.append(wrapped)
 
     def member_at(self, addr: Address) -> bytes | None:
         """The peer whose path (or, failing that, advertised endpoint) is ``addr``."""
