@@ -25,7 +25,8 @@ import pytest
 
 from meshguard.config import config_paths
 from meshguard.control import ControlClient, ControlError
-from meshguard.identity.keyfile import save_identity
+from meshguard.drivers.uapi import UapiClient
+from meshguard.identity.keyfile import load_identity, save_identity
 from meshguard.identity.keys import Identity, public_key_to_base64
 from meshguard.identity.meshaddr import mesh_ipv4, mesh_ipv6
 from meshguard.identity.trust import TrustStore
@@ -220,3 +221,37 @@ def test_exit_stops_wireguard_go_and_removes_its_socket(hosts: dict[str, Host]) 
         assert not socket_file.exists()
         link = host.ns.run(["ip", "link", "show", host.interface], check=False)
         assert link.returncode != 0
+
+
+def test_attach_to_running_uapi_socket_leaves_it_running(tmp_path: Path) -> None:
+    """``--uapi-socket``: meshguard configures a WireGuard it did not start, and leaves it."""
+    with Lab(prefix="mgu") as lab:
+        ns = lab.namespace("attach")
+        interface = f"wg{lab.suffix}x"
+        socket_file = Path("/var/run/wireguard") / f"{interface}.sock"
+        wireguard_go = ns.popen(["wireguard-go", "-f", interface], stderr=subprocess.DEVNULL)
+        wait_until(socket_file.exists, timeout=10, what="wireguard-go's socket")
+        host = Host("x", ns, tmp_path / "x", interface, uapi=False)
+        (host.directory / "meshguard.toml").write_text(f"listen_port = {PORT}\nmdns = false\n")
+        log = host.log_path.open("ab")
+        host.process = ns.popen(
+            [sys.executable, "-m", "meshguard", "--config-dir", str(host.directory), "run",
+             "--uapi-socket", str(socket_file)],
+            env={"PYTHONPATH": str(REPO), "PATH": os.environ["PATH"]},
+            cwd=REPO, stdout=log, stderr=log,
+        )  # fmt: skip
+        log.close()
+        wait_until(host.started, timeout=30, what="meshguard to start")
+        client = UapiClient(socket_file)
+        device, _peers = client.get()
+        identity = load_identity(config_paths(host.directory).private_key)
+        assert device["private_key"] == identity.x25519_private.hex()
+        assert int(device["listen_port"]) not in (0, PORT)
+        addresses = ns.run(["ip", "-o", "addr", "show", "dev", interface]).stdout
+        assert host.ipv4 in addresses and host.ipv6 in addresses
+        assert host.status()["node"]["interface"] == interface
+        assert host.cli("down").returncode == 0
+        assert host.process.wait(timeout=20) == 0
+        assert wireguard_go.poll() is None and socket_file.exists()
+        lab.stop(wireguard_go)
+        wait_until(lambda: not socket_file.exists(), timeout=10, what="socket removal")
