@@ -974,6 +974,8 @@ class Traversal:
             self._outbox.append((datagram, addr))
 
     def _on_probe(self, sender: bytes, probe: PunchProbe, addr: Address, now: float) -> None:
+        """Answer the probes of members that are peers, nobody else's: a member we hold
+        dead must not keep its path to us looking alive."""
         path = self._paths.get(sender)
         if path is None:
             self.counters["probe_unexpected"] += 1
