@@ -362,6 +362,8 @@ class MeshDaemon:
         self.icmp: socket.socket | None = None
         """Raw ICMP socket for ``meshguard ping`` when the tunnel is not ours to read."""
         self.interface = settings.interface
+        self.wireguard_go: WireGuardGo | None = None
+        self.exit_status = 0
 
     # -- trust ---------------------------------------------------------------------------
 
@@ -749,6 +751,10 @@ class MeshDaemon:
             self.icmp.setblocking(False)
             stack.callback(self.icmp.close)
             self.plane.add_reader(self.icmp.fileno(), self._on_icmp)
+            if self.wireguard_go is not None:
+                exited = os.pidfd_open(self.wireguard_go.process.pid)
+                stack.callback(os.close, exited)
+                self.plane.add_reader(exited, self._on_wireguard_go_exit)
         self.plane.add_reader(signal_read, lambda: self._on_signals(signal_read))
         self.plane.add_reader(server.fileno(), server.handle_ready)
 
@@ -786,7 +792,7 @@ class MeshDaemon:
         )
         self.plane.run()
         self._log_summary()
-        return 0
+        return self.exit_status
 
     def _open_tun(self, stack: contextlib.ExitStack) -> TunDevice:
         """The userspace data plane's TUN (a crash's idle leftover of that name removed)."""
@@ -824,10 +830,23 @@ class MeshDaemon:
                 settings.interface,
                 wireguard_go.socket,
             )
+            self.wireguard_go = wireguard_go
             path = wireguard_go.socket
         uapi = UapiWireGuard(UapiClient(path))
         self.external = uapi
         return uapi.configure(self.identity.x25519_private)
+
+    def _on_wireguard_go_exit(self) -> None:
+        """wireguard-go died under us: no tunnels without it, so stop with status 1."""
+        assert self.wireguard_go is not None
+        if self.exit_status or self.wireguard_go.process.poll() is None:
+            return
+        log.error(
+            "event=wireguard_go_exited reason=%s",
+            _logfmt_value(self.wireguard_go.exit_reason()),
+        )
+        self.exit_status = 1
+        self.leave_and_stop("wireguard-go exited")
 
     def _add_static_peers(self, now: float) -> None:
         """``[[wireguard_peer]]`` entries: peers of our device, or of the external one."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -255,3 +256,48 @@ def test_attach_to_running_uapi_socket_leaves_it_running(tmp_path: Path) -> None
         assert wireguard_go.poll() is None and socket_file.exists()
         lab.stop(wireguard_go)
         wait_until(lambda: not socket_file.exists(), timeout=10, what="socket removal")
+
+
+def _lone_uapi_host(lab: Lab, directory: Path, role: str) -> Host:
+    ns = lab.namespace(role)
+    host = Host(role, ns, directory, f"wg{lab.suffix}{role}", uapi=True)
+    host.start("192.0.2.1")
+    assert host.process is not None
+    wait_until(host.started, timeout=30, what="meshguard --uapi to start")
+    return host
+
+
+def _wireguard_go_pid(host: Host) -> int:
+    match = re.search(r"event=wireguard_go_started pid=(\d+)", host.log())
+    assert match is not None
+    return int(match.group(1))
+
+
+def test_wireguard_go_dies_with_a_crashed_daemon(tmp_path: Path) -> None:
+    """kill -9 of meshguard: the kernel sends wireguard-go SIGTERM (PR_SET_PDEATHSIG), so its
+    interface goes with it; the socket file it leaves is dead, and the next start replaces it."""
+    with Lab(prefix="mgu") as lab:
+        host = _lone_uapi_host(lab, tmp_path / "k", "k")
+        pid = _wireguard_go_pid(host)
+        socket_file = Path("/var/run/wireguard") / f"{host.interface}.sock"
+        assert host.process is not None
+        lab.stop(host.process, signal.SIGKILL)
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout=10, what="wireguard-go")
+        link = host.ns.run(["ip", "link", "show", host.interface], check=False)
+        assert link.returncode != 0
+        host.start("192.0.2.1")
+        wait_until(lambda: host.log().count("event=started") == 2, timeout=30, what="restart")
+        assert host.cli("down").returncode == 0
+        assert host.process.wait(timeout=20) == 0
+        assert not socket_file.exists()
+
+
+def test_daemon_stops_when_wireguard_go_dies(tmp_path: Path) -> None:
+    with Lab(prefix="mgu") as lab:
+        host = _lone_uapi_host(lab, tmp_path / "w", "w")
+        os.kill(_wireguard_go_pid(host), signal.SIGKILL)
+        assert host.process is not None
+        assert host.process.wait(timeout=20) == 1
+        assert "event=wireguard_go_exited" in host.log()
+        link = host.ns.run(["ip", "link", "show", host.interface], check=False)
+        assert link.returncode != 0

@@ -6,17 +6,21 @@ lines ended by an empty line; the answer ends with ``errno=N`` and an empty line
 lists the device, then each peer starting at its ``public_key``). Keys travel as hex.
 
 ``WireGuardGo`` starts ``wireguard-go -f <interface>`` as a child process, waits for its
-socket and, on ``close``, kills it by PID and removes the socket if it is left behind.
+socket and, on ``close``, kills it by PID and removes the socket if it is left behind. The
+child gets SIGTERM from the kernel if meshguard dies (``PR_SET_PDEATHSIG``), so a crash does
+not leave it holding the interface.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +33,7 @@ SOCKET_DIRECTORY = Path("/var/run/wireguard")
 _TIMEOUT = 5.0
 _START_TIMEOUT = 10.0
 _MAX_REPLY = 1 << 22
+_PR_SET_PDEATHSIG = 1
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -164,15 +169,18 @@ class WireGuardGo:
                     f"{interface}; set another 'interface'"
                 )
             self.socket.unlink()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
         try:
             self.process = subprocess.Popen(
                 [executable, "-f", interface],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+                stderr=self._stderr,
                 env={**os.environ, "LOG_LEVEL": "error"},
+                preexec_fn=_die_with_parent,
             )
         except OSError as error:
+            self._stderr.close()
             raise UserError(f"cannot start {executable}: {error.strerror or error}") from None
         deadline = time.monotonic() + _START_TIMEOUT
         while not _socket_alive(self.socket):
@@ -188,10 +196,16 @@ class WireGuardGo:
                 raise UserError(f"{executable} did not open {self.socket} within 10 s")
             time.sleep(0.02)
 
+    def exit_reason(self) -> str:
+        """Exit status and last stderr line, for a log line once it has exited."""
+        status = self.process.poll()
+        detail = self._stderr_line()
+        return f"status {status}" + (f": {detail}" if detail else "")
+
     def _stderr_line(self) -> str:
-        if self.process.stderr is None:
-            return ""
-        lines = self.process.stderr.read().decode(errors="replace").strip().splitlines()
+        """The last line wireguard-go wrote to stderr (why it failed to start)."""
+        self._stderr.seek(0)
+        lines = self._stderr.read().decode(errors="replace").strip().splitlines()
         return lines[-1] if lines else ""
 
     def close(self) -> None:
@@ -203,10 +217,14 @@ class WireGuardGo:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self.process.stderr is not None:
-            self.process.stderr.close()
+        self._stderr.close()
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when meshguard dies, however it dies."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def _socket_alive(path: Path) -> bool:
