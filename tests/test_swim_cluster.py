@@ -63,7 +63,7 @@ def test_five_percent_loss_for_five_minutes_kills_nobody() -> None:
     cluster.run_until_converged(60)
     cluster.run_for(300)
     assert all(not cluster.events_of(i, MemberDead) for i in range(20))
-    assert cluster.converged()
+    cluster.run_until_converged(30)  # a suspicion caused by loss may be in the middle of refuting
 
 
 def test_churn_of_leaves_crashes_and_restarts_settles() -> None:
