@@ -63,10 +63,10 @@ class Host:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def start(self, seed: str) -> None:
+    def start(self, seed: str, extra: str = "") -> None:
         (self.directory / "meshguard.toml").write_text(
             f'listen_port = {PORT}\nswim_profile = "lan"\nmdns = false\n'
-            f'interface = "{self.interface}"\nseeds = ["{seed}:{PORT}"]\n'
+            f'interface = "{self.interface}"\nseeds = ["{seed}:{PORT}"]\n{extra}'
         )
         log = self.log_path.open("ab")
         command = [sys.executable, "-m", "meshguard", "--config-dir", str(self.directory), "run"]
@@ -301,3 +301,65 @@ def test_daemon_stops_when_wireguard_go_dies(tmp_path: Path) -> None:
         assert "event=wireguard_go_exited" in host.log()
         link = host.ns.run(["ip", "link", "show", host.interface], check=False)
         assert link.returncode != 0
+
+
+def _behind_symmetric_nat(lab: Lab, switch: Namespace, index: int) -> Namespace:
+    """A host behind an nftables NAT that maps every destination to a new random port, so
+    nothing can be punched to it: the only way between two such hosts is a relay."""
+    nat = lab.namespace(f"nat{index}")
+    host = lab.namespace(f"n{index}")
+    wan_if = plug_into_bridge(lab, nat, switch, "wan", f"203.0.113.{10 + index}/24")
+    lab.link(host, nat, f"192.168.{index}.2/24", f"192.168.{index}.1/24")
+    host.run(["ip", "route", "add", "default", "via", f"192.168.{index}.1"])
+    nat.sysctl("net.ipv4.ip_forward", "1")
+    ruleset = (
+        "table ip nat {\n  chain postrouting {\n"
+        "    type nat hook postrouting priority 100;\n"
+        f'    oifname "{wan_if}" masquerade random,fully-random\n  }}\n}}\n'
+    )
+    subprocess.run(nat.exec_argv(["nft", "-f", "-"]), input=ruleset, text=True, check=True)
+    return host
+
+
+def test_relayed_path_between_wireguard_go_nodes_behind_symmetric_nats(tmp_path: Path) -> None:
+    """Two --uapi nodes behind symmetric NATs reach each other through a relaying --uapi node:
+    the proxy wraps wireguard-go's datagrams in relay envelopes and unwraps them again."""
+    with Lab(prefix="mgr") as lab:
+        switch = lab.namespace("wan")
+        add_bridge(switch, "wan")
+        hosts: dict[str, Host] = {}
+        for index, (name, uapi) in enumerate((("relay", True), ("stun", False)), start=1):
+            ns = lab.namespace(name)
+            plug_into_bridge(lab, ns, switch, "wan", f"203.0.113.{index}/24")
+            hosts[name] = Host(name, ns, tmp_path / name, f"wg{lab.suffix}{name[0]}", uapi=uapi)
+        for index in (1, 2):
+            ns = _behind_symmetric_nat(lab, switch, index)
+            hosts[f"n{index}"] = Host(f"n{index}", ns, tmp_path / f"n{index}",
+                                      f"wg{lab.suffix}n{index}", uapi=True)  # fmt: skip
+        for host in hosts.values():
+            for other in hosts.values():
+                if other is not host:
+                    TrustStore(config_paths(host.directory).authorized_keys).add(
+                        other.name, other.key
+                    )
+        hosts["relay"].start("203.0.113.2", "relay = true\n")
+        hosts["stun"].start("203.0.113.1")
+        hosts["n1"].start("203.0.113.1")
+        hosts["n2"].start("203.0.113.1")
+        for host in hosts.values():
+            assert host.process is not None
+            lab.processes.append(host.process)
+            wait_until(host.started, timeout=30, what=f"{host.name} to start")
+        n1, n2 = hosts["n1"], hosts["n2"]
+
+        def relayed(host: Host, other: Host) -> bool:
+            try:
+                rows = {row["public_key"]: row for row in host.status()["members"]}
+            except ControlError:
+                return False
+            row = rows.get(other.public_key, {})
+            return bool(row.get("state") == "alive" and row.get("path") == "relayed")
+
+        wait_until(lambda: relayed(n1, n2) and relayed(n2, n1), timeout=60, what="relay path")
+        assert _ping(n1, n2.ipv4, count=5), n1.log()[-3000:]
+        assert _ping(n2, n1.ipv6, count=5), n2.log()[-3000:]
