@@ -13,6 +13,10 @@ and, with ``mdns``, trusted nodes seen on the LAN. While it runs it keeps the st
 to date, reloads the trust store on SIGHUP and when ``authorized_keys/`` changes, answers the
 control socket (status, peers, ping, down) and, with ``--metrics``, serves Prometheus text.
 
+With ``--uapi`` (wireguard-go it starts, or ``--uapi-socket`` to attach) or ``--kernel`` the
+tunnels belong to that WireGuard implementation and the daemon proxies its datagrams through
+the mesh port (``meshguard.drivers.wgproxy``); ``docs/running.md`` describes the modes.
+
 Closing the TUN removes the interface with its addresses and routes. On the way out the node
 leaves the mesh gracefully (a signed LEFT record), so the others remove its tunnel at once; a
 TUN interface of the same name left idle by a crash is removed (and logged) at the next start.

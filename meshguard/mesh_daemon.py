@@ -1,6 +1,7 @@
 """The mesh daemon's engine: one ``Node`` driven by the data plane on a real host.
 
-``MeshDaemon`` owns the TUN interface, the UDP socket, the control socket, LAN discovery,
+``MeshDaemon`` owns the TUN interface (or, in uapi/kernel mode, the external WireGuard and
+the proxy plane of ``drivers.wgproxy``), the UDP socket, the control socket, LAN discovery,
 metrics and the state file around one ``Node``; ``MeshCore`` adapts the Node to the data
 plane's ``Core`` (adding the daemon's housekeeping timer and ``meshguard ping`` replies).
 ``meshguard.daemon`` is the command-line side; it imports this module only when the daemon
