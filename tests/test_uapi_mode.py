@@ -363,3 +363,36 @@ def test_relayed_path_between_wireguard_go_nodes_behind_symmetric_nats(tmp_path:
         wait_until(lambda: relayed(n1, n2) and relayed(n2, n1), timeout=60, what="relay path")
         assert _ping(n1, n2.ipv4, count=5), n1.log()[-3000:]
         assert _ping(n2, n1.ipv6, count=5), n2.log()[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--uapi", "--wireguard-go", "/nonexistent/wireguard-go"],
+         "meshguard: error: cannot start /nonexistent/wireguard-go: No such file or directory\n"),
+        (["--wireguard-go", "wireguard-go", "--uapi-socket", "/run/x.sock"],
+         "meshguard: error: command line: give --wireguard-go or --uapi-socket, not both\n"),
+        (["--uapi-socket", "/nonexistent/wg.sock"],
+         "meshguard: error: UAPI socket /nonexistent/wg.sock does not exist\n"),
+    ],
+)  # fmt: skip
+def test_bad_uapi_flags_are_one_line_and_leave_nothing(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    with Lab(prefix="mgu") as lab:
+        ns = lab.namespace("bad")
+        host = Host("bad", ns, tmp_path / "bad", f"wg{lab.suffix}bad", uapi=False)
+        (host.directory / "meshguard.toml").write_text(
+            f'mdns = false\ninterface = "{host.interface}"\n'
+        )
+        proc = subprocess.run(
+            ns.exec_argv(
+                [sys.executable, "-m", "meshguard", "--config-dir", str(host.directory), "run",
+                 *flags]
+            ),
+            capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
+            env={"PYTHONPATH": str(REPO), "PATH": os.environ["PATH"]},
+        )  # fmt: skip
+        assert (proc.returncode, proc.stderr) == (2, message)
+        assert ns.run(["ip", "link", "show", host.interface], check=False).returncode != 0
+        assert not (Path("/var/run/wireguard") / f"{host.interface}.sock").exists()
