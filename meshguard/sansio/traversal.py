@@ -222,6 +222,7 @@ class _Session:
     purpose: _Purpose
     targets: list[Address]
     spray: list[Address] = field(default_factory=list)
+    predicting: bool = False
     rendezvous: bytes | None = None
     tried: list[bytes] = field(default_factory=list)
     rounds_left: int = 0
@@ -246,6 +247,9 @@ class _Path:
     """Our own check or punch for this member (the target side's sessions are not here)."""
     found_directly: bool = False
     """The working address answered a direct check (not a rendezvous punch)."""
+    predicted: bool = False
+    """A punch already tried port prediction toward this member and failed: retries do not
+    spray again (its NAT probably allocates at random)."""
     retry_at: float | None = None
     retry_delay: float = 0.0
     keepalive_id: int = 0
@@ -871,6 +875,7 @@ class Traversal:
                 targets.append(addr)
         session.targets = targets
         session.spray = self._spray(path, targets)
+        session.predicting = len(session.spray) > self._config.spray_always
         session.rounds_left = self._config.punch_rounds
         session.next_round = now
         self.counters["punch_started"] += 1
@@ -884,7 +889,7 @@ class Traversal:
         if not targets or self._nat.mapping in _SYMMETRIC:
             return []
         count = self._config.spray_always
-        if path.nat.mapping in _SYMMETRIC:
+        if path.nat.mapping in _SYMMETRIC and not path.predicted:
             count = max(count, self._config.spray_ports)
         host, port = targets[0]
         return [
@@ -943,6 +948,8 @@ class Traversal:
             self._start_punch(path, now, defer=True)
             return
         self.counters["punch_failed"] += 1
+        if session.predicting:
+            path.predicted = True
         if own or path.session is None:
             self._fall_back(path, now)
 
@@ -963,6 +970,7 @@ class Traversal:
             del self._sessions[other.session_id]
         path.session = None
         self._set_endpoint(path, addr)
+        path.predicted = False
         self._set_kind(path, kind, addr, None, rtt=rtt)
         self._confirmed(path, now)
 
