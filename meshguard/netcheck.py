@@ -1,10 +1,12 @@
-"""``meshguard netcheck``: what the NAT in front of this host does, without a running mesh.
+"""``meshguard netcheck``: what the NAT in front of this host does, and how members are reached.
 
 It binds one UDP port (``--port``, default any), runs ``NatProber`` against the STUN servers
-given with ``--stun`` (or the public defaults) and prints the public endpoints, the mapping and
-filtering behaviour and whether hairpinning works. ``add_netcheck_arguments`` and
-``netcheck_command`` are what the ``meshguard`` CLI registers; ``python -m meshguard.netcheck``
-runs it directly.
+given with ``--stun`` (else the config directory's ``stun_servers``, else the public defaults)
+and prints the public endpoints, the mapping and filtering behaviour and whether hairpinning
+works. When a daemon runs for the config directory, it also asks it (control socket) how each
+member is reached: directly, punched, relayed, or not at all. Without a daemon it says so in
+one line. ``add_netcheck_arguments`` and ``netcheck_command`` are what the ``meshguard`` CLI
+registers; ``python -m meshguard.netcheck`` runs it directly.
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from meshguard.config import config_paths
+from meshguard.control import ControlClient, Status
 from meshguard.drivers.stun_socket import (
     UsageError,
     endpoint_text,
@@ -27,6 +33,7 @@ from meshguard.errors import UserError
 from meshguard.sansio.messages import NatFiltering, NatMapping
 from meshguard.sansio.natdetect import NatProber, NatReport
 from meshguard.sansio.stun import StunTiming
+from meshguard.settings import load_settings
 
 DEFAULT_STUN_SERVERS = ("stun.l.google.com:19302", "stun1.l.google.com:19302")
 """Public servers on two addresses, so mapping behaviour can be compared; used only when the
@@ -116,13 +123,104 @@ def format_report(report: NatReport) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True, slots=True)
+class MemberReach:
+    """How the daemon reaches one member: ``reach`` is "direct", "punched", "relayed" or
+    "unreachable"; ``endpoint`` is where its datagrams go (the relay's address when relayed)."""
+
+    name: str
+    public_key: str
+    mesh_ipv4: str
+    state: str
+    reach: str
+    endpoint: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MemberReport:
+    """The daemon's view of the members, or why there is none (``members`` is None)."""
+
+    members: list[MemberReach] | None
+    detail: str
+
+
+_REACHED = ("direct", "punched", "relayed")
+
+
+def reachability(status: Status) -> list[MemberReach]:
+    """Each member of a daemon's status by how it is reached, sorted by name then key.
+
+    A member counts as reached only while it is alive or suspect and has a path; a dead or
+    departed member, or one whose path is still being searched for, is "unreachable"."""
+    rows = []
+    for member in status["members"]:
+        usable = member["state"] in ("alive", "suspect") and member["path"] in _REACHED
+        rows.append(
+            MemberReach(
+                name=member["name"],
+                public_key=member["public_key"],
+                mesh_ipv4=member["mesh_ipv4"],
+                state=member["state"],
+                reach=member["path"] if usable else "unreachable",
+                endpoint=member["endpoint"] if usable else None,
+            )
+        )
+    return sorted(rows, key=lambda row: (row.name, row.public_key))
+
+
+def member_report(config_dir: Path | None) -> MemberReport:
+    """Ask the daemon of ``config_dir`` (None: the default directory) about its members."""
+    try:
+        directory = config_paths(config_dir).directory
+        with ControlClient(directory, timeout=3) as client:
+            status = client.status()
+    except UserError as error:
+        return MemberReport(None, " ".join(str(error).splitlines()))
+    return MemberReport(reachability(status), f"from the daemon of {directory}")
+
+
+def format_members(report: MemberReport) -> str:
+    """The member table for a person, or one line saying why there is none."""
+    if report.members is None:
+        return f"members:          unknown ({report.detail})"
+    if not report.members:
+        return f"members:          none ({report.detail})"
+    lines = [f"members ({report.detail}):"]
+    width = max(len(row.name) for row in report.members)
+    for row in report.members:
+        via = "" if row.endpoint is None else f" via {row.endpoint}"
+        state = "" if row.state == "alive" else f" ({row.state})"
+        lines.append(f"  {row.name:<{width}}  {row.mesh_ipv4:<15}  {row.reach}{via}{state}")
+    return "\n".join(lines)
+
+
+def members_as_dict(report: MemberReport) -> dict[str, object]:
+    return {
+        "members": None if report.members is None else [asdict(row) for row in report.members],
+        "members_detail": report.detail,
+    }
+
+
+def _configured_stun_servers(config_dir: Path | None) -> list[str]:
+    """The config directory's ``stun_servers`` (none without a settings file)."""
+    try:
+        path = config_paths(config_dir).config_file
+    except UserError:
+        return []
+    if not path.exists():
+        return []
+    return [str(server) for server in load_settings(path).stun_servers]
+
+
 def netcheck_command(args: argparse.Namespace) -> int:
     """Run the probe; 0 when some server answered, 1 when none did.
 
     Bad input (an unparsable or unresolvable server, a port that cannot be bound) raises
     ``UserError`` before anything is sent.
     """
-    texts: Sequence[str] = args.stun or DEFAULT_STUN_SERVERS
+    directory = getattr(args, "config_dir", None)
+    config_dir = None if directory is None else Path(directory).absolute()
+    texts: Sequence[str] = args.stun or _configured_stun_servers(config_dir) or DEFAULT_STUN_SERVERS
     if args.rto <= 0:
         raise UserError("--rto must be positive")
     try:
@@ -142,10 +240,12 @@ def netcheck_command(args: argparse.Namespace) -> int:
             SOFTWARE,
         )
         report = run_prober(sock, prober)
+    members = member_report(config_dir)
     if args.json:
-        print(json.dumps(report_as_dict(report), indent=2))
+        print(json.dumps({**report_as_dict(report), **members_as_dict(members)}, indent=2))
     else:
         print(format_report(report))
+        print(format_members(members))
     return 0 if report.observations else 1
 
 
@@ -153,6 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="meshguard netcheck",
         description="Find out what the NAT in front of this host does.",
+    )
+    parser.add_argument(
+        "--config-dir",
+        metavar="DIR",
+        help="configuration directory whose daemon and stun_servers to use (default: as meshguard)",
     )
     add_netcheck_arguments(parser)
     try:

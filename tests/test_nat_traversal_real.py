@@ -1,0 +1,409 @@
+"""Hole punching and relaying between real ``meshguard run`` daemons behind real Linux NAT.
+
+The lab (network namespaces, all addresses inside it)::
+
+    A 192.168.1.2 ─ nat1 198.51.100.1 (masquerade) ─────────────┐
+    B 192.168.2.2 ─ nat2 198.51.101.1 (masquerade) ─────────────┤
+    C 192.168.3.2 ─ nat3 198.51.102.1 (masquerade fully-random) ┤─ wan (router, counters)
+    D 192.168.4.2 ─ nat4 198.51.103.1 (masquerade fully-random) ┤
+    R 203.0.113.1 (public, relay = true) ───────────────────────┘
+
+Every host runs ``meshguard run`` (LAN SWIM profile, no mDNS) with R as its only seed and its
+only STUN server; R answers STUN on its mesh port. Masquerade keeps the source port when it is
+free (endpoint-independent mapping) and drops unsolicited inbound datagrams (port-restricted
+filtering): A and B must punch. ``fully-random`` gives every destination a random port
+(symmetric NAT): C and D cannot punch and must be relayed through R. Named nftables counters in
+the wan router count the UDP bytes between every pair of public addresses, which shows where
+the tunnel traffic really went.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshguard.config import config_paths
+from meshguard.control import ControlClient, ControlError
+from meshguard.identity.keyfile import save_identity
+from meshguard.identity.keys import Identity, public_key_to_base64
+from meshguard.identity.meshaddr import mesh_ipv4, mesh_ipv6
+from meshguard.identity.trust import TrustStore
+from tests.dataplane_lab import REPO, tcp_transfer
+from tests.netns import Lab, Namespace, wait_until
+
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(180)]
+
+PORT = 51821
+RELAY_IP = "203.0.113.1"
+RELAY = f"{RELAY_IP}:{PORT}"
+NATS = {
+    "A": (1, "masquerade"),
+    "B": (2, "masquerade"),
+    "C": (3, "masquerade fully-random"),
+    "D": (4, "masquerade fully-random"),
+}
+PUNCH_BOUND = 60.0
+"""Seconds from starting the daemons until A and B have a punched path and C and D a relay."""
+TRANSFER = 2_000_000
+MTU = 1280
+"""The lowest tunnel MTU settings allow: a relayed datagram (1280 + 32 WireGuard + 156 envelope
+bytes + 28 IPv4/UDP = 1496) then fits the 1500-byte path unfragmented. At 1420 relayed datagrams
+are IP fragments and bursts of them lose ~20% on the sending host (TCP crawls)."""
+
+
+def public_ip(name: str) -> str:
+    return f"198.51.{99 + NATS[name][0]}.1"
+
+
+@dataclass
+class Host:
+    name: str
+    ns: Namespace
+    directory: Path
+    log_path: Path = field(init=False)
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.directory.mkdir(parents=True)
+        identity = Identity.generate(os.urandom)
+        save_identity(config_paths(self.directory).private_key, identity)
+        self.key = identity.public_key
+        self.public_key = public_key_to_base64(identity.public_key)
+        self.ipv4, self.ipv6 = str(mesh_ipv4(self.key)), str(mesh_ipv6(self.key))
+        self.log_path = self.directory / "daemon.log"
+
+    def configure(self, *, relay: bool) -> None:
+        """R seeds nobody and asks no STUN server; everyone else uses R for both."""
+        relay_only = [] if relay else [f'"{RELAY}"']
+        (self.directory / "meshguard.toml").write_text(
+            f"listen_port = {PORT}\n"
+            f"mtu = {MTU}\n"
+            'swim_profile = "lan"\n'
+            "mdns = false\n"
+            f"seeds = [{', '.join(relay_only)}]\n"
+            f"stun_servers = [{', '.join(relay_only)}]\n"
+            f"relay = {'true' if relay else 'false'}\n"
+        )
+
+    def launch(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = self.ns.popen(
+                [sys.executable, "-m", "meshguard", "--config-dir", str(self.directory), "run"],
+                env={"PYTHONPATH": str(REPO)},
+                cwd=REPO,
+                stdout=log,
+                stderr=log,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def started(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"{self.name} exited:\n{self.log()[-3000:]}")
+        return "event=started" in self.log()
+
+    def cli(self, *args: str, directory: Path | None = None) -> str:
+        """``meshguard`` in this host's namespace, for its config dir (or ``directory``)."""
+        config_dir = str(directory or self.directory)
+        proc = subprocess.run(
+            self.ns.exec_argv(
+                [sys.executable, "-m", "meshguard", "--config-dir", config_dir, *args]
+            ),
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            cwd=REPO,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, f"meshguard {' '.join(args)} on {self.name}: {proc.stderr}"
+        return proc.stdout
+
+    def members(self) -> dict[str, dict[str, Any]]:
+        """This host's member rows by name ({} if the daemon does not answer)."""
+        try:
+            with ControlClient(self.directory, timeout=3) as client:
+                rows = client.status()["members"]
+        except ControlError:
+            return {}
+        return {row["name"]: dict(row) for row in rows}
+
+
+@dataclass
+class Mesh:
+    lab: Lab
+    hosts: dict[str, Host]
+    nats: dict[str, Namespace]
+    wan: Namespace
+    started: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def counter(self, name: str) -> int:
+        """Bytes counted so far by the wan router's named counter ``name``."""
+        out = self.wan.run(["nft", "list", "counter", "ip", "watch", name]).stdout
+        match = re.search(r"bytes (\d+)", out)
+        assert match, out
+        return int(match.group(1))
+
+    def counters(self) -> dict[str, int]:
+        return {name: self.counter(name) for name in COUNTERS}
+
+
+COUNTERS = {
+    "a_b": ("198.51.100.1", "198.51.101.1"),
+    "b_a": ("198.51.101.1", "198.51.100.1"),
+    "a_r": ("198.51.100.1", RELAY_IP),
+    "c_d": ("198.51.102.1", "198.51.103.1"),
+    "d_c": ("198.51.103.1", "198.51.102.1"),
+    "c_r": ("198.51.102.1", RELAY_IP),
+    "r_d": (RELAY_IP, "198.51.103.1"),
+}
+"""Named counters of UDP bytes from one public address to another, in the wan router."""
+
+
+def _nft(ns: Namespace, ruleset: str) -> None:
+    proc = subprocess.run(
+        ns.exec_argv(["nft", "-f", "-"]), input=ruleset, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"nft failed: {proc.stderr.strip()}\n{ruleset}")
+
+
+def _nat_box(lab: Lab, wan: Namespace, name: str) -> tuple[Namespace, Namespace]:
+    index, masquerade = NATS[name]
+    nat = lab.namespace(f"nat{index}")
+    lan = lab.namespace(name.lower())
+    wan_if, _ = lab.link(nat, wan, f"{public_ip(name)}/24", f"198.51.{99 + index}.254/24")
+    lab.link(lan, nat, f"192.168.{index}.2/24", f"192.168.{index}.1/24")
+    nat.run(["ip", "route", "add", "default", "via", f"198.51.{99 + index}.254"])
+    lan.run(["ip", "route", "add", "default", "via", f"192.168.{index}.1"])
+    nat.sysctl("net.ipv4.ip_forward", "1")
+    _nft(
+        nat,
+        "table ip nat {\n"
+        "  chain postrouting {\n"
+        "    type nat hook postrouting priority 100;\n"
+        f'    oifname "{wan_if}" {masquerade}\n'
+        "  }\n"
+        "}\n"
+        "table inet firewall {\n"
+        "  chain input {\n"
+        "    type filter hook input priority 0; policy accept;\n"
+        f'    iifname "{wan_if}" ct state established,related accept\n'
+        f'    iifname "{wan_if}" drop\n'
+        "  }\n"
+        "}\n",
+    )
+    return nat, lan
+
+
+def _watch_wan(wan: Namespace) -> None:
+    counters = "".join(f"  counter {name} {{}}\n" for name in COUNTERS)
+    rules = "".join(
+        f"    ip saddr {src} ip daddr {dst} meta l4proto udp counter name {name}\n"
+        for name, (src, dst) in COUNTERS.items()
+    )
+    _nft(
+        wan,
+        "table ip watch {\n"
+        f"{counters}"
+        "  chain forward {\n"
+        "    type filter hook forward priority 0; policy accept;\n"
+        f"{rules}"
+        "  }\n"
+        "}\n",
+    )
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    root = tmp_path_factory.mktemp("natmesh")
+    with Lab(prefix="mgpunch") as lab:
+        wan = lab.namespace("wan")
+        wan.sysctl("net.ipv4.ip_forward", "1")
+        relay_ns = lab.namespace("r")
+        lab.link(relay_ns, wan, f"{RELAY_IP}/24", "203.0.113.254/24")
+        relay_ns.run(["ip", "route", "add", "default", "via", "203.0.113.254"])
+        hosts = {"R": Host("R", relay_ns, root / "R")}
+        nats = {}
+        for name in NATS:
+            nats[name], ns = _nat_box(lab, wan, name)
+            hosts[name] = Host(name, ns, root / name)
+        _watch_wan(wan)
+        for host in hosts.values():
+            for other in hosts.values():
+                if other is not host:
+                    TrustStore(config_paths(host.directory).authorized_keys).add(
+                        other.name, other.key
+                    )
+            host.configure(relay=host.name == "R")
+        started = time.monotonic()
+        hosts["R"].launch()
+        wait_until(hosts["R"].started, timeout=30, what="R to start")
+        for name in NATS:
+            hosts[name].launch()
+        wait_until(
+            lambda: all(host.started() for host in hosts.values()),
+            timeout=30,
+            what="every daemon to start",
+        )
+        mesh = Mesh(lab, hosts, nats, wan, started)
+        mesh.timings["daemons_started"] = time.monotonic() - started
+        try:
+            yield mesh
+        finally:
+            for host in hosts.values():
+                if host.process is not None:
+                    lab.stop(host.process)
+            print("\nNAT traversal timings:", json.dumps(mesh.timings))
+            for host in hosts.values():
+                tail = "\n".join(host.log().splitlines()[-15:])
+                print(f"--- {host.name} log tail ---\n{tail}")
+
+
+def _wait_for_path(mesh: Mesh, a: str, b: str, paths: set[str]) -> dict[str, Any]:
+    """Wait until ``a`` and ``b`` each see the other alive on one of ``paths``; records when."""
+    rows: dict[str, dict[str, Any]] = {}
+
+    def settled() -> bool:
+        for x, y in ((a, b), (b, a)):
+            rows[x] = mesh.hosts[x].members().get(y, {})
+        return all(
+            row.get("state") == "alive" and row.get("path") in paths for row in rows.values()
+        )
+
+    remaining = PUNCH_BOUND - (time.monotonic() - mesh.started)
+    try:
+        wait_until(settled, timeout=max(remaining, 1), interval=0.2, what=f"{a}-{b} on {paths}")
+    finally:
+        print(f"{a} sees {b}: {rows.get(a)}\n{b} sees {a}: {rows.get(b)}")
+    mesh.timings.setdefault(f"{a}{b}_path", round(time.monotonic() - mesh.started, 2))
+    return rows[a]
+
+
+def _rtt_ms(mesh: Mesh, a: str, b: str) -> float:
+    """Average ICMP round-trip time from ``a`` to ``b``'s mesh address over 20 pings."""
+    out = (
+        mesh.hosts[a]
+        .ns.run(["ping", "-c", "20", "-i", "0.05", "-W", "2", mesh.hosts[b].ipv4], timeout=30)
+        .stdout
+    )
+    match = re.search(r"= [\d.]+/([\d.]+)/", out)
+    assert match and " 0% packet loss" in out, out
+    return float(match.group(1))
+
+
+def test_port_restricted_nats_are_punched_and_carry_traffic_directly(mesh: Mesh) -> None:
+    row = _wait_for_path(mesh, "A", "B", {"punched", "direct"})
+    assert row["endpoint"].startswith(public_ip("B") + ":"), row
+    b_row = mesh.hosts["B"].members()["A"]
+    assert b_row["endpoint"].startswith(public_ip("A") + ":"), b_row
+
+    before = mesh.counters()
+    a, b = mesh.hosts["A"], mesh.hosts["B"]
+    sent, received = tcp_transfer(a.ns, b.ns, b.ipv4, TRANSFER)
+    assert sent == received and sent.startswith(f"{TRANSFER} ")
+    after = mesh.counters()
+    delta = {name: after[name] - before[name] for name in COUNTERS}
+    print("wan UDP bytes during the A->B transfer:", delta)
+    assert delta["a_b"] >= TRANSFER, "the tunnel traffic did not go straight from nat1 to nat2"
+    assert delta["a_r"] < TRANSFER // 10, "the tunnel traffic went through R"
+
+    out = a.cli("ping", "B", "--count", "3", "--interval", "0.1")
+    print(out)
+    assert re.search(rf"via (punched|direct) {re.escape(public_ip('B'))}:\d+", out), out
+    assert "3 sent, 3 received, 0% loss" in out
+    mesh.timings["AB_rtt_ms"] = _rtt_ms(mesh, "A", "B")
+    mesh.timings["BA_rtt_ms"] = _rtt_ms(mesh, "B", "A")
+
+    # nat1's conntrack holds the punched flow: A's mesh port to nat2's public address, with
+    # replies from there admitted to nat1's public address.
+    flows = (
+        mesh.nats["A"]
+        .run(["conntrack", "-L", "-p", "udp", "--orig-dst", public_ip("B")], check=False)
+        .stdout
+    )
+    print("conntrack on nat1:\n" + flows)
+    assert re.search(
+        rf"src=192\.168\.1\.2 dst={re.escape(public_ip('B'))} sport={PORT} .*"
+        rf"src={re.escape(public_ip('B'))} dst={re.escape(public_ip('A'))} .*\[ASSURED\]",
+        flows,
+    ), flows
+
+
+def test_symmetric_nats_are_relayed_through_r_and_carry_traffic(mesh: Mesh) -> None:
+    row = _wait_for_path(mesh, "C", "D", {"relayed"})
+    assert row["endpoint"] == RELAY, row
+    assert mesh.hosts["D"].members()["C"]["endpoint"] == RELAY
+
+    before = mesh.counters()
+    c, d = mesh.hosts["C"], mesh.hosts["D"]
+    sent, received = tcp_transfer(c.ns, d.ns, d.ipv4, TRANSFER)
+    assert sent == received and sent.startswith(f"{TRANSFER} ")
+    after = mesh.counters()
+    delta = {name: after[name] - before[name] for name in COUNTERS}
+    print("wan UDP bytes during the C->D transfer:", delta)
+    assert delta["c_r"] >= TRANSFER and delta["r_d"] >= TRANSFER, "R did not carry the traffic"
+    assert delta["c_d"] < TRANSFER // 10 and delta["d_c"] < TRANSFER // 10
+
+    out = c.cli("ping", "D", "--count", "3", "--interval", "0.1")
+    print(out)
+    assert f"via relayed {RELAY}" in out, out
+    assert "3 sent, 3 received, 0% loss" in out
+    mesh.timings["CD_rtt_ms"] = _rtt_ms(mesh, "C", "D")
+    mesh.timings["DC_rtt_ms"] = _rtt_ms(mesh, "D", "C")
+
+
+def test_pairs_across_nat_kinds_are_connected(mesh: Mesh) -> None:
+    """A port-restricted and a symmetric NAT: punching cannot predict random ports, so relay."""
+    row = _wait_for_path(mesh, "A", "C", {"relayed", "punched", "direct"})
+    print("A-C path:", row["path"])
+    assert _rtt_ms(mesh, "A", "C") > 0
+    for host in mesh.hosts.values():
+        rows = host.members()
+        others = [name for name in mesh.hosts if name != host.name]
+        assert all(rows[name]["state"] == "alive" for name in others), (host.name, rows)
+
+
+def test_netcheck_reports_how_each_member_is_reached(mesh: Mesh) -> None:
+    """netcheck on A: its NAT facts (through R, its configured STUN server) and, from A's
+    daemon, each member with its path."""
+    _wait_for_path(mesh, "A", "B", {"punched", "direct"})
+    _wait_for_path(mesh, "A", "D", {"relayed", "punched", "direct"})
+    a = mesh.hosts["A"]
+    report = json.loads(a.cli("netcheck", "--rto", "0.1", "--json"))
+    print(json.dumps(report, indent=2))
+    assert report["observations"][0]["server"] == RELAY
+    assert report["public_endpoints"][0].startswith(public_ip("A") + ":")
+    reach = {row["name"]: row for row in report["members"]}
+    assert set(reach) == {"R", "B", "C", "D"}
+    assert reach["R"]["reach"] == "direct" and reach["R"]["endpoint"] == RELAY
+    assert reach["B"]["reach"] in ("punched", "direct")
+    assert reach["B"]["endpoint"].startswith(public_ip("B") + ":")
+    assert reach["D"]["reach"] == mesh.hosts["A"].members()["D"]["path"]
+
+    text = a.cli("netcheck", "--rto", "0.1")
+    print(text)
+    assert f"{RELAY} sees {public_ip('A')}:" in text
+    b_line = next(line for line in text.splitlines() if line.strip().startswith("B "))
+    assert mesh.hosts["B"].ipv4 in b_line and f" via {public_ip('B')}:" in b_line
+
+    # Without a daemon for the directory: the NAT facts and one line about the members.
+    empty = a.directory.parent / "no-daemon"
+    empty.mkdir()
+    alone = a.cli("netcheck", "--rto", "0.1", "--stun", RELAY, directory=empty)
+    print(alone)
+    assert f"{RELAY} sees {public_ip('A')}:" in alone
+    assert alone.splitlines()[-1].startswith("members:          unknown (no daemon running")
