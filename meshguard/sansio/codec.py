@@ -144,6 +144,13 @@ def key_id(public_key: bytes) -> bytes:
     return _key_id(public_key)
 
 
+@lru_cache(maxsize=4096)
+def _x25519_private_key(private: bytes) -> X25519PrivateKey:
+    """The key object of a private key: loading one (~100 µs, it derives the public key)
+    costs more than the exchange itself, and a member derives a key with every peer."""
+    return X25519PrivateKey.from_private_bytes(private)
+
+
 def pair_key(
     own_x25519_private: bytes,
     peer_x25519_public: bytes,
@@ -165,7 +172,7 @@ def pair_key(
         if type(value) is not bytes or len(value) != KEY_SIZE:
             raise LocalProtocolError(f"{what} must be {KEY_SIZE} bytes")
     try:
-        shared = X25519PrivateKey.from_private_bytes(own_x25519_private).exchange(
+        shared = _x25519_private_key(own_x25519_private).exchange(
             X25519PublicKey.from_public_bytes(peer_x25519_public)
         )
     except ValueError:
