@@ -182,19 +182,29 @@ def record_unsigned_bytes(record: MemberRecord) -> bytes:
     )
 
 
-@lru_cache(maxsize=16384)
-def _record_bytes(record: MemberRecord) -> bytes:
-    if type(record.signature) is not bytes or len(record.signature) != SIGNATURE_SIZE:
-        raise LocalProtocolError(f"record signature must be {SIGNATURE_SIZE} bytes")
-    return record_unsigned_bytes(record) + record.signature
+_ENCODED_RECORDS_SIZE = 1 << 17
+_encoded_records: dict[int, tuple[MemberRecord, bytes]] = {}
+"""Encodings of recent records by object identity; each entry holds its record, so the id
+cannot be reused while the entry exists. Gossip re-sends the same (interned) record objects
+many times, and looking one up by identity costs far less than hashing its fields."""
 
 
 def encode_record(record: MemberRecord) -> bytes:
     """The unsigned fields followed by the 64-byte signature (memoized: records are re-sent)."""
+    cached = _encoded_records.get(id(record))
+    if cached is not None and cached[0] is record:
+        return cached[1]
     try:
-        return _record_bytes(record)
+        hash(record)
     except TypeError:
         raise LocalProtocolError(f"not a hashable member record: {record!r}") from None
+    if type(record.signature) is not bytes or len(record.signature) != SIGNATURE_SIZE:
+        raise LocalProtocolError(f"record signature must be {SIGNATURE_SIZE} bytes")
+    encoded = record_unsigned_bytes(record) + record.signature
+    if len(_encoded_records) >= _ENCODED_RECORDS_SIZE:
+        del _encoded_records[next(iter(_encoded_records))]
+    _encoded_records[id(record)] = (record, encoded)
+    return encoded
 
 
 def _accusation(tag: UpdateTag, accusation: Suspect | Dead) -> bytes:
@@ -460,6 +470,9 @@ def _read_nat(reader: _Reader) -> NatInfo:
 
 _RECORD_ENDPOINT_COUNT_AT = KEY_SIZE + 8 + 1
 _ENDPOINT_SIZES = {FAMILY_IPV4: ENDPOINT_V4_SIZE, FAMILY_IPV6: ENDPOINT_V6_SIZE}
+_ONE_IPV4 = bytes((1, FAMILY_IPV4))
+_ONE_IPV4_TAIL = 1 + ENDPOINT_V4_SIZE + NAT_INFO_SIZE + SIGNATURE_SIZE
+"""The common record (one IPv4 endpoint) is measured without walking its endpoints."""
 _DECODED_RECORDS_SIZE = 1 << 14
 _decoded_records: dict[bytes, MemberRecord] = {}
 
@@ -468,6 +481,8 @@ def _record_end(data: bytes, start: int) -> int | None:
     """Where the record at ``start`` ends, from its count and family bytes alone, or None
     when those bytes are invalid (the full parse then says why)."""
     pos = start + _RECORD_ENDPOINT_COUNT_AT
+    if data[pos : pos + 2] == _ONE_IPV4:
+        return pos + _ONE_IPV4_TAIL
     if pos >= len(data) or data[pos] > MAX_RECORD_ENDPOINTS:
         return None
     count = data[pos]
