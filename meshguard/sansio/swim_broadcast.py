@@ -59,31 +59,41 @@ class TransmitQueue:
         Each one handed out counts as one transmission; after ``limit`` it leaves the queue.
         ``smallest`` is the size of the smallest possible update: below it, stop looking.
         """
-        chosen: list[tuple[int, bytes]] = []
         taken: list[Update] = []
+        if room < smallest:
+            return taken
+        buckets = self._buckets
+        chosen: list[tuple[int, bytes, tuple[Update, int]]] = []
         skipped = 0
-        for sent in sorted(self._buckets):
-            if room < smallest or skipped > MAX_SKIPS:
-                break
-            for member, (update, size) in reversed(self._buckets[sent].items()):
+        for sent in sorted(buckets):
+            bucket = buckets[sent]
+            for member in reversed(bucket):
+                entry = bucket[member]
+                size = entry[1]
                 if size <= room:
                     room -= size
-                    taken.append(update)
-                    chosen.append((sent, member))
+                    taken.append(entry[0])
+                    chosen.append((sent, member, entry))
                     if room < smallest:
                         break
                 else:
                     skipped += 1
                     if skipped > MAX_SKIPS:
                         break
-        for sent, member in reversed(chosen):
-            bucket = self._buckets[sent]
-            entry = bucket.pop(member)
+            if room < smallest or skipped > MAX_SKIPS:
+                break
+        sent_counts = self._sent
+        for sent, member, entry in reversed(chosen):
+            bucket = buckets[sent]
+            del bucket[member]
             if not bucket:
-                del self._buckets[sent]
+                del buckets[sent]
             if sent + 1 >= limit:
-                del self._sent[member]
+                del sent_counts[member]
             else:
-                self._buckets.setdefault(sent + 1, {})[member] = entry
-                self._sent[member] = sent + 1
+                following = buckets.get(sent + 1)
+                if following is None:
+                    following = buckets[sent + 1] = {}
+                following[member] = entry
+                sent_counts[member] = sent + 1
         return taken
