@@ -195,6 +195,7 @@ def format_members(report: MemberReport) -> str:
 
 
 def members_as_dict(report: MemberReport) -> dict[str, object]:
+    """The member report as JSON-ready data (``members`` null without a daemon)."""
     return {
         "members": None if report.members is None else [asdict(row) for row in report.members],
         "members_detail": report.detail,
@@ -213,10 +214,11 @@ def _configured_stun_servers(config_dir: Path | None) -> list[str]:
 
 
 def netcheck_command(args: argparse.Namespace) -> int:
-    """Run the probe; 0 when some server answered, 1 when none did.
+    """Run the probe, then ask the daemon (if any) about its members; 0 when some STUN server
+    answered, 1 when none did.
 
-    Bad input (an unparsable or unresolvable server, a port that cannot be bound) raises
-    ``UserError`` before anything is sent.
+    Bad input (an unparsable or unresolvable server, a port that cannot be bound, an invalid
+    settings file) raises ``UserError`` before anything is sent.
     """
     directory = getattr(args, "config_dir", None)
     config_dir = None if directory is None else Path(directory).absolute()
