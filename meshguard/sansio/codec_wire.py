@@ -69,6 +69,9 @@ class UpdateTag(IntEnum):
     DEAD = 3
 
 
+_ALIVE_TAG = int(UpdateTag.ALIVE)
+_ALIVE_TAG_BYTE = bytes((_ALIVE_TAG,))
+
 KEY_SIZE = 32
 SIGNATURE_SIZE = 64
 U64_MAX = 2**64 - 1
@@ -221,7 +224,7 @@ def _accusation(tag: UpdateTag, accusation: Suspect | Dead) -> bytes:
 def encode_update(update: Update) -> bytes:
     """tag u8 then the record (Alive) or member | incarnation | accuser (Suspect, Dead)."""
     if isinstance(update, Alive):
-        return _U8.pack(UpdateTag.ALIVE) + encode_record(update.record)
+        return _ALIVE_TAG_BYTE + encode_record(update.record)
     if isinstance(update, Suspect):
         return _accusation(UpdateTag.SUSPECT, update)
     if isinstance(update, Dead):
@@ -474,7 +477,7 @@ _ONE_IPV4 = bytes((1, FAMILY_IPV4))
 _ONE_IPV4_TAIL = 1 + ENDPOINT_V4_SIZE + NAT_INFO_SIZE + SIGNATURE_SIZE
 """The common record (one IPv4 endpoint) is measured without walking its endpoints."""
 _DECODED_RECORDS_SIZE = 1 << 14
-_decoded_records: dict[bytes, MemberRecord] = {}
+_decoded_records: dict[bytes, Alive] = {}
 
 
 def _record_end(data: bytes, start: int) -> int | None:
@@ -494,23 +497,29 @@ def _record_end(data: bytes, start: int) -> int | None:
     return pos + NAT_INFO_SIZE + SIGNATURE_SIZE
 
 
-def _read_record(reader: _Reader) -> MemberRecord:
-    """A record, from a cache of recently decoded ones: gossip repeats the same records, and
-    parsing endpoints into text dominates decoding."""
+def _read_alive(reader: _Reader) -> Alive:
+    """A record as an ``Alive`` update, from a cache of recently decoded ones: gossip repeats
+    the same records, and parsing endpoints into text dominates decoding. The cached object
+    is shared: messages and records are immutable."""
+    data = reader.data
     start = reader.pos
-    end = _record_end(reader.data, start)
-    if end is not None and end <= len(reader.data):
-        raw = reader.data[start:end]
+    end = _record_end(data, start)
+    if end is not None and end <= len(data):
+        raw = data[start:end]
         cached = _decoded_records.get(raw)
         if cached is not None:
             reader.pos = end
             return cached
-        record = _parse_record(reader)
+        alive = Alive(_parse_record(reader))
         if len(_decoded_records) >= _DECODED_RECORDS_SIZE:
             del _decoded_records[next(iter(_decoded_records))]
-        _decoded_records[raw] = record
-        return record
-    return _parse_record(reader)
+        _decoded_records[raw] = alive
+        return alive
+    return Alive(_parse_record(reader))
+
+
+def _read_record(reader: _Reader) -> MemberRecord:
+    return _read_alive(reader).record
 
 
 def _parse_record(reader: _Reader) -> MemberRecord:
@@ -527,8 +536,8 @@ def _parse_record(reader: _Reader) -> MemberRecord:
 
 def _read_update(reader: _Reader) -> Update:
     tag = reader.u8()
-    if tag == UpdateTag.ALIVE:
-        return Alive(_read_record(reader))
+    if tag == _ALIVE_TAG:
+        return _read_alive(reader)
     if tag == UpdateTag.SUSPECT:
         return Suspect(reader.take(KEY_SIZE), reader.u64(), reader.take(KEY_SIZE))
     if tag == UpdateTag.DEAD:
