@@ -62,6 +62,12 @@ NATS = {
 """Host behind each NAT box: (index, masquerade statement, whether the box has a firewall)."""
 PUNCH_BOUND = 60.0
 """Seconds from starting the daemons until A and B have a punched path and C and D a relay."""
+RESEARCH_BOUND = 10.0
+"""Seconds to allow at least for a path that was lost to be found again (relay: ~4.5 s)."""
+CONNECTED_BOUND = 90.0
+"""Seconds from starting the daemons until every member sees every other alive with a path.
+Membership itself converges slowly across these NATs: a member has been seen to learn of
+another only 22 s after both started, and all pairs were connected 34-47 s after the start."""
 TRANSFER = 2_000_000
 MTU = 1280
 """The lowest tunnel MTU settings allow: a relayed datagram (1280 + 32 WireGuard + 156 envelope
@@ -312,7 +318,9 @@ def _record_path_times(mesh: Mesh) -> None:
 
 
 def _wait_for_path(mesh: Mesh, a: str, b: str, paths: set[str]) -> dict[str, Any]:
-    """Wait until ``a`` and ``b`` each see the other alive on one of ``paths``; records when."""
+    """Wait until ``a`` and ``b`` each see the other alive on one of ``paths``: until
+    PUNCH_BOUND after the start, and at least RESEARCH_BOUND (a path found once can be lost and
+    searched for again, which takes a few seconds)."""
     rows: dict[str, dict[str, Any]] = {}
 
     def settled() -> bool:
@@ -324,7 +332,9 @@ def _wait_for_path(mesh: Mesh, a: str, b: str, paths: set[str]) -> dict[str, Any
 
     remaining = PUNCH_BOUND - (time.monotonic() - mesh.started)
     try:
-        wait_until(settled, timeout=max(remaining, 1), interval=0.2, what=f"{a}-{b} on {paths}")
+        wait_until(
+            settled, timeout=max(remaining, RESEARCH_BOUND), interval=0.2, what=f"{a}-{b} {paths}"
+        )
     finally:
         print(f"{a} sees {b}: {rows.get(a)}\n{b} sees {a}: {rows.get(b)}")
     return rows[a]
@@ -404,14 +414,31 @@ def test_symmetric_nats_are_relayed_through_r_and_carry_traffic(mesh: Mesh) -> N
 
 
 def test_pairs_across_nat_kinds_are_connected(mesh: Mesh) -> None:
-    """A port-restricted and a symmetric NAT: punching cannot predict random ports, so relay."""
-    row = _wait_for_path(mesh, "A", "C", {"relayed", "punched", "direct"})
-    print("A-C path:", row["path"])
+    """Every member sees every other alive with a path, within the bound; a port-restricted
+    and a symmetric NAT (A-C) pass traffic."""
+    views: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def everyone_connected() -> bool:
+        for host in mesh.hosts.values():
+            views[host.name] = host.members()
+        return all(
+            views[x].get(y, {}).get("state") == "alive" and views[x][y]["path"] != "-"
+            for x in mesh.hosts
+            for y in mesh.hosts
+            if x != y
+        )
+
+    remaining = CONNECTED_BOUND - (time.monotonic() - mesh.started)
+    try:
+        wait_until(
+            everyone_connected, timeout=max(remaining, RESEARCH_BOUND), what="all pairs connected"
+        )
+    finally:
+        table = {x: {y: (row["state"], row["path"]) for y, row in views[x].items()} for x in views}
+        print("views:", json.dumps(table))
+    mesh.timings.setdefault("all_pairs_connected_by", round(time.monotonic() - mesh.started, 2))
+    print("A-C path:", views["A"]["C"]["path"])
     assert _rtt_ms(mesh, "A", "C") > 0
-    for host in mesh.hosts.values():
-        rows = host.members()
-        others = [name for name in mesh.hosts if name != host.name]
-        assert all(rows[name]["state"] == "alive" for name in others), (host.name, rows)
 
 
 def test_netcheck_reports_how_each_member_is_reached(mesh: Mesh) -> None:
