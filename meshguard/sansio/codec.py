@@ -108,6 +108,10 @@ _ciphers: dict[bytes, ChaCha20Poly1305] = {}
 
 _VERIFIED_CACHE_SIZE = 1 << 16
 _verified: dict[MemberRecord, None] = {}
+_verified_by_id: dict[int, MemberRecord] = {}
+"""The same verified records by object identity (gossip hands the same decoded objects
+around): a lookup without hashing the record's fields. Every entry is also in ``_verified``,
+which keeps the object alive, so its id cannot be reused while the entry exists."""
 
 
 class DatagramKind(enum.Enum):
@@ -375,6 +379,8 @@ def verify_record(record: MemberRecord) -> bool:
     gossip, so records that verified are remembered (a bounded set; only successes are
     cached, so an equal-comparing but differently typed record can never poison it).
     """
+    if _verified_by_id.get(id(record)) is record:
+        return True
     try:
         if record in _verified:
             return True
@@ -383,6 +389,9 @@ def verify_record(record: MemberRecord) -> bool:
     if not _signature_valid(record):
         return False
     if len(_verified) >= _VERIFIED_CACHE_SIZE:
-        del _verified[next(iter(_verified))]
+        evicted = next(iter(_verified))
+        del _verified[evicted]
+        _verified_by_id.pop(id(evicted), None)
     _verified[record] = None
+    _verified_by_id[id(record)] = record
     return True

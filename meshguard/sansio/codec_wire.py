@@ -343,6 +343,9 @@ def endpoint_size(endpoint: Endpoint) -> int:
 
 
 def record_size(record: MemberRecord) -> int:
+    cached = _encoded_records.get(id(record))
+    if cached is not None and cached[0] is record:
+        return len(cached[1])
     return RECORD_FIXED_SIZE + sum(endpoint_size(e) for e in record.endpoints)
 
 

@@ -181,6 +181,9 @@ def _x25519_public(public_key: bytes) -> bytes:
 
 _INTERNED_RECORDS_MAX = 1 << 17
 _interned_records: dict[MemberRecord, MemberRecord] = {}
+_interned_by_id: dict[int, MemberRecord] = {}
+"""The canonical instances by identity, to recognise one without hashing its fields; the
+entry holds the object, so its id cannot be reused while it is there."""
 
 
 def _interned(record: MemberRecord) -> MemberRecord:
@@ -189,11 +192,16 @@ def _interned(record: MemberRecord) -> MemberRecord:
     Every member of a simulated cluster would otherwise keep its own decoded copy of every
     record (~0.5 kB each: a million copies at 1000 members); records are immutable.
     """
+    if _interned_by_id.get(id(record)) is record:
+        return record
     canonical = _interned_records.get(record)
     if canonical is None:
         if len(_interned_records) >= _INTERNED_RECORDS_MAX:
-            del _interned_records[next(iter(_interned_records))]
+            evicted = next(iter(_interned_records))
+            del _interned_records[evicted]
+            del _interned_by_id[id(evicted)]
         canonical = _interned_records[record] = record
+        _interned_by_id[id(record)] = record
     return canonical
 
 
@@ -204,6 +212,10 @@ class MemberState(enum.Enum):
     SUSPECT = "suspect"
     DEAD = "dead"
     LEFT = "left"
+
+
+_SUSPECT = MemberState.SUSPECT
+_DEAD = MemberState.DEAD
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,9 +409,10 @@ class _Member:
         return (endpoint.host, endpoint.port)
 
     def accusation(self) -> Suspect | Dead | None:
-        if self.state is MemberState.SUSPECT:
+        state = self.state
+        if state is _SUSPECT:
             return Suspect(self.public_key, self.incarnation, self.accuser)
-        if self.state is MemberState.DEAD:
+        if state is _DEAD:
             return Dead(self.public_key, self.incarnation, self.accuser)
         return None
 
@@ -1366,9 +1379,13 @@ class Membership:
                 self._send_state(member.public_key, addr, self._rng.getrandbits(64), True)
         if not self._seeds:
             return
-        by_address = self._members_by_address()
+        by_address: dict[Address, bytes] | None = None
         for addr, seed_key in list(self._seeds.items()):
-            known = seed_key if seed_key is not None else by_address.get(addr)
+            known = seed_key
+            if known is None:
+                if by_address is None:
+                    by_address = self._members_by_address()
+                known = by_address.get(addr)
             if known is not None and known in self._members and self._members[known].state in _LIVE:
                 continue
             if self._rng.random() < 1 / self._live_count:
