@@ -26,18 +26,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from meshguard.config import config_paths
-from meshguard.control import ControlClient, ControlError
-from meshguard.identity.keyfile import save_identity
-from meshguard.identity.keys import Identity, public_key_to_base64
-from meshguard.identity.meshaddr import mesh_ipv4, mesh_ipv6
-from meshguard.identity.trust import TrustStore
 from meshguard.sansio.swim_config import SwimConfig
-from tests.dataplane_lab import REPO, tcp_transfer
+from tests.daemon_host import DaemonHost
+from tests.dataplane_lab import tcp_transfer
 from tests.netns import Lab, Namespace, add_bridge, plug_into_bridge, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -68,29 +62,9 @@ def detection_bound(members: int) -> float:
 
 
 @dataclass
-class Host:
-    name: str
-    ns: Namespace
+class Host(DaemonHost):
     lab: Lab
-    directory: Path
     underlay_ip: str
-    process: subprocess.Popen[bytes] | None = None
-    public_key: str = ""
-    ipv4: str = ""
-    ipv6: str = ""
-    log_path: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.directory.mkdir(parents=True)
-        identity = Identity.generate(os.urandom)
-        save_identity(config_paths(self.directory).private_key, identity)
-        self.key = identity.public_key
-        self.public_key = public_key_to_base64(identity.public_key)
-        self.ipv4, self.ipv6 = str(mesh_ipv4(self.key)), str(mesh_ipv6(self.key))
-        self.log_path = self.directory / "daemon.log"
-
-    def trust(self, other: Host) -> None:
-        TrustStore(config_paths(self.directory).authorized_keys).add(other.name, other.key)
 
     @property
     def endpoint(self) -> str:
@@ -114,62 +88,17 @@ class Host:
             lines.append(f'dns_seed_domain = "{dns_seed_domain}"')
         if metrics:
             lines.append(f'metrics = "{METRICS}"')
-        (self.directory / "meshguard.toml").write_text("\n".join(lines) + "\n")
-
-    def launch(self) -> int:
-        """Start ``meshguard run``; returns how many starts the log had before (see ``started``)."""
-        starts = self.log().count("event=started")
-        log = self.log_path.open("ab")
-        self.process = self.ns.popen(
-            [sys.executable, "-m", "meshguard", "--config-dir", str(self.directory), "run"],
-            env={"PYTHONPATH": str(REPO)},
-            cwd=REPO,
-            stdout=log,
-            stderr=log,
-        )
-        log.close()
-        return starts
-
-    def started(self, starts: int) -> bool:
-        """Whether the daemon logged its start; fails the test if it exited instead."""
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"{self.name} exited:\n{self.log()[-3000:]}")
-        return self.log().count("event=started") > starts
+        self.write_settings("\n".join(lines) + "\n")
 
     def start(self) -> None:
         starts = self.launch()
         wait_until(lambda: self.started(starts), timeout=30, what=f"{self.name} to start")
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "meshguard", "--config-dir", str(self.directory), *args],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            cwd=REPO,
-            timeout=60,
-            check=False,
-        )
+        proc = super().cli(*args)
         if check and proc.returncode != 0:
             raise AssertionError(f"meshguard {' '.join(args)} on {self.name}: {proc.stderr}")
         return proc
-
-    def members(self) -> dict[str, dict[str, Any]]:
-        """This host's member rows by public key ({} if the daemon does not answer)."""
-        try:
-            with ControlClient(self.directory, timeout=3) as client:
-                rows = client.status()["members"]
-        except ControlError:
-            return {}
-        return {row["public_key"]: dict(row) for row in rows}
-
-    def sees_alive(self, others: list[Host]) -> bool:
-        rows = self.members()
-        return all(rows.get(o.public_key, {}).get("state") == "alive" for o in others)
 
 
 @dataclass
@@ -255,7 +184,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
                 plug_into_bridge(lab, ns, router, wan, f"{UNDERLAY[name]}/24")
             gateway = "192.168.50.254" if on_lan else "192.168.60.254"
             ns.run(["ip", "route", "add", "default", "via", gateway])
-            hosts[name] = Host(name, ns, lab, root / name, UNDERLAY[name])
+            hosts[name] = Host(name, ns, root / name, lab, UNDERLAY[name])
         _use_resolver(lab, hosts[DNS_SEEDED].ns, "192.168.60.254")
         stranger = hosts.pop("stranger")
         for host in hosts.values():
@@ -509,9 +438,7 @@ def test_down_and_sigterm_leave_and_remove_the_interface(mesh: Mesh) -> None:
         assert "10.99.0.0" not in host.ns.run(["ip", "route"]).stdout
         assert not (host.directory / "meshguard.sock").exists()
     wait_until(
-        lambda: all(
-            h3.members().get(h.public_key, {}).get("state") == "left" for h in (h1, h2)
-        ),
+        lambda: all(h3.members().get(h.public_key, {}).get("state") == "left" for h in (h1, h2)),
         timeout=5,
         what="h3 to see h1 and h2 leave",
     )

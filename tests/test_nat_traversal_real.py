@@ -25,10 +25,8 @@ UDP bytes between public addresses, which shows where the tunnel traffic really 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,12 +36,9 @@ from typing import Any
 import pytest
 
 from meshguard.config import config_paths
-from meshguard.control import ControlClient, ControlError
-from meshguard.identity.keyfile import save_identity
-from meshguard.identity.keys import Identity, public_key_to_base64
-from meshguard.identity.meshaddr import mesh_ipv4, mesh_ipv6
 from meshguard.identity.trust import TrustStore
-from tests.dataplane_lab import REPO, tcp_transfer
+from tests.daemon_host import DaemonHost
+from tests.dataplane_lab import tcp_transfer
 from tests.netns import Lab, Namespace, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -80,26 +75,11 @@ def public_ip(name: str) -> str:
 
 
 @dataclass
-class Host:
-    name: str
-    ns: Namespace
-    directory: Path
-    log_path: Path = field(init=False)
-    process: subprocess.Popen[bytes] | None = None
-
-    def __post_init__(self) -> None:
-        self.directory.mkdir(parents=True)
-        identity = Identity.generate(os.urandom)
-        save_identity(config_paths(self.directory).private_key, identity)
-        self.key = identity.public_key
-        self.public_key = public_key_to_base64(identity.public_key)
-        self.ipv4, self.ipv6 = str(mesh_ipv4(self.key)), str(mesh_ipv6(self.key))
-        self.log_path = self.directory / "daemon.log"
-
+class Host(DaemonHost):
     def configure(self, *, relay: bool) -> None:
         """R seeds nobody and asks no STUN server; everyone else uses R for both."""
         relay_only = [] if relay else [f'"{RELAY}"']
-        (self.directory / "meshguard.toml").write_text(
+        self.write_settings(
             f"listen_port = {PORT}\n"
             f"mtu = {MTU}\n"
             'swim_profile = "lan"\n'
@@ -109,50 +89,15 @@ class Host:
             f"relay = {'true' if relay else 'false'}\n"
         )
 
-    def launch(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = self.ns.popen(
-                [sys.executable, "-m", "meshguard", "--config-dir", str(self.directory), "run"],
-                env={"PYTHONPATH": str(REPO)},
-                cwd=REPO,
-                stdout=log,
-                stderr=log,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def started(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"{self.name} exited:\n{self.log()[-3000:]}")
-        return "event=started" in self.log()
-
     def cli(self, *args: str, directory: Path | None = None) -> str:
-        """``meshguard`` in this host's namespace, for its config dir (or ``directory``)."""
-        config_dir = str(directory or self.directory)
-        proc = subprocess.run(
-            self.ns.exec_argv(
-                [sys.executable, "-m", "meshguard", "--config-dir", config_dir, *args]
-            ),
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            cwd=REPO,
-            timeout=60,
-            check=False,
-        )
+        """``meshguard`` in this host's namespace; asserts success and returns stdout."""
+        proc = super().cli(*args, in_namespace=True, directory=directory)
         assert proc.returncode == 0, f"meshguard {' '.join(args)} on {self.name}: {proc.stderr}"
         return proc.stdout
 
-    def members(self) -> dict[str, dict[str, Any]]:
+    def members(self, by: str = "name") -> dict[str, dict[str, Any]]:
         """This host's member rows by name ({} if the daemon does not answer)."""
-        try:
-            with ControlClient(self.directory, timeout=3) as client:
-                rows = client.status()["members"]
-        except ControlError:
-            return {}
-        return {row["name"]: dict(row) for row in rows}
+        return super().members(by)
 
 
 @dataclass

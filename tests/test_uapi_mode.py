@@ -20,17 +20,15 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from meshguard.config import config_paths
-from meshguard.control import ControlClient, ControlError
+from meshguard.control import ControlError
 from meshguard.drivers.uapi import UapiClient
-from meshguard.identity.keyfile import load_identity, save_identity
-from meshguard.identity.keys import Identity, public_key_to_base64
-from meshguard.identity.meshaddr import mesh_ipv4, mesh_ipv6
+from meshguard.identity.keyfile import load_identity
 from meshguard.identity.trust import TrustStore
+from tests.daemon_host import DaemonHost
 from tests.dataplane_lab import REPO, tcp_transfer
 from tests.netns import Lab, Namespace, add_bridge, plug_into_bridge, wait_until
 
@@ -43,69 +41,16 @@ UAPI_HOSTS = ("u1", "u2")
 
 
 @dataclass
-class Host:
-    name: str
-    ns: Namespace
-    directory: Path
+class Host(DaemonHost):
     interface: str
     uapi: bool
-    process: subprocess.Popen[bytes] | None = None
-
-    def __post_init__(self) -> None:
-        self.directory.mkdir(parents=True)
-        identity = Identity.generate(os.urandom)
-        save_identity(config_paths(self.directory).private_key, identity)
-        self.key = identity.public_key
-        self.public_key = public_key_to_base64(identity.public_key)
-        self.ipv4, self.ipv6 = str(mesh_ipv4(self.key)), str(mesh_ipv6(self.key))
-        self.log_path = self.directory / "daemon.log"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def start(self, seed: str, extra: str = "") -> None:
-        (self.directory / "meshguard.toml").write_text(
+        self.write_settings(
             f'listen_port = {PORT}\nswim_profile = "lan"\nmdns = false\n'
             f'interface = "{self.interface}"\nseeds = ["{seed}:{PORT}"]\n{extra}'
         )
-        log = self.log_path.open("ab")
-        command = [sys.executable, "-m", "meshguard", "--config-dir", str(self.directory), "run"]
-        self.process = self.ns.popen(
-            command + (["--uapi"] if self.uapi else []),
-            env={"PYTHONPATH": str(REPO), "PATH": os.environ["PATH"]},
-            cwd=REPO,
-            stdout=log,
-            stderr=log,
-        )
-        log.close()
-
-    def started(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"{self.name} exited:\n{self.log()[-3000:]}")
-        return "event=started" in self.log()
-
-    def status(self) -> Any:
-        with ControlClient(self.directory, timeout=3) as client:
-            return client.status()
-
-    def sees_alive(self, others: list[Host]) -> bool:
-        try:
-            rows = {row["public_key"]: row for row in self.status()["members"]}
-        except ControlError:
-            return False
-        return all(rows.get(o.public_key, {}).get("state") == "alive" for o in others)
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "meshguard", "--config-dir", str(self.directory), *args],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            cwd=REPO,
-            timeout=60,
-            check=False,
-        )
+        self.launch(*(["--uapi"] if self.uapi else []))
 
 
 def _ping(host: Host, address: str, count: int = 3) -> bool:
