@@ -6,6 +6,12 @@ With ``UDP_GRO`` one ``recvmsg`` returns a run of datagrams from one sender glue
 with their size in a control message. Both are per call, never socket-wide, so ordinary
 sends and receives keep working, and both fall back to one datagram per call.
 
+GSO cannot fragment: a segment bigger than the path MTU fails the whole call with
+``EMSGSIZE``. Datagrams above ``GSO_MAX_SEGMENT`` (the largest that fits a 1500-byte
+Ethernet MTU over IPv4) therefore always go one per call, so the kernel fragments them; a
+smaller path MTU lowers that limit the first time a GSO send fails with ``EMSGSIZE``, and
+the failed run is sent again one datagram per call.
+
 The socket is dual-stack (IPv6 with IPv4-mapped addresses); addresses are converted at the
 edge so the core only ever sees ``("192.0.2.1", 51820)`` or ``("2001:db8::1", 51820)``.
 """
@@ -27,6 +33,7 @@ SO_RCVBUFFORCE = 33
 BUFFER_BYTES = 8 << 20
 MAX_SEGMENTS = 64
 MAX_GSO_BYTES = 65000
+GSO_MAX_SEGMENT = 1500 - 20 - 8
 RECV_BYTES = 65535
 _CMSG_SPACE = socket.CMSG_SPACE(4)
 _GRO_CMSG = struct.Struct("=i")
@@ -70,6 +77,7 @@ class UdpSocket:
             except OSError:
                 self.sock.setsockopt(socket.SOL_SOCKET, plain, size)
         self.gso = offloads
+        self.gso_max_segment = GSO_MAX_SEGMENT
         self.gro = False
         if offloads:
             try:
@@ -140,7 +148,10 @@ class UdpSocket:
         return runs
 
     def send(self, datagrams: Iterable[tuple[bytes, Address]]) -> None:
-        """Send datagrams, batching each destination's run of equal-sized ones with GSO."""
+        """Send datagrams, batching each destination's run of equal-sized ones with GSO.
+
+        Datagrams too big for a GSO segment are sent one per call, in order with the rest.
+        """
         by_destination: dict[Address, list[bytes]] = {}
         for data, address in datagrams:
             queue = by_destination.get(address)
@@ -169,6 +180,10 @@ class UdpSocket:
         while start < count:
             size = len(queue[start])
             end = start + 1
+            if size > self.gso_max_segment:
+                self._send_one(queue[start], raw)
+                start = end
+                continue
             limit = min(count, start + MAX_SEGMENTS, start + MAX_GSO_BYTES // size)
             while end < limit and len(queue[end]) == size:
                 end += 1
@@ -182,7 +197,11 @@ class UdpSocket:
                         queue[start:end], [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(size))], 0, raw
                     )
                 except OSError as error:
-                    if error.errno in _FALLBACK_ERRNOS:
+                    if error.errno == errno.EMSGSIZE:
+                        self.gso_max_segment = min(self.gso_max_segment, size - 1)
+                        for data in queue[start:end]:
+                            self._send_one(data, raw)
+                    elif error.errno in _FALLBACK_ERRNOS:
                         self.gso = False
                         for data in queue[start:end]:
                             self._send_one(data, raw)
