@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 
 from meshguard.sansio.errors import LocalProtocolError
-from meshguard.sansio.types import Address, Entropy, WallClock
+from meshguard.sansio.types import Address, Entropy, RandomSource, WallClock
 
 from .constants import (
     COOKIE_REPLY_SIZE,
@@ -55,7 +55,7 @@ from .noise import (
     create_initiation,
     create_response,
 )
-from .peer import Peer, RandomSource
+from .peer import Peer
 from .replay import RING_MASK
 from .routing import AllowedIPs, Network
 

@@ -9,9 +9,8 @@ once per batch, not once per packet: every transition is idempotent within one `
 from __future__ import annotations
 
 from collections import deque
-from typing import Protocol
 
-from meshguard.sansio.types import Address
+from meshguard.sansio.types import Address, RandomSource
 
 from .constants import (
     KEEPALIVE_TIMEOUT,
@@ -25,12 +24,6 @@ from .keypair import Keypair
 from .noise import InitiationState
 
 _INF = float("inf")
-
-
-class RandomSource(Protocol):
-    """What the engine needs of a ``random.Random`` (the core may not import ``random``)."""
-
-    def random(self) -> float: ...
 
 
 def rekey_jitter(rng: RandomSource) -> float:
