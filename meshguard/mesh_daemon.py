@@ -514,6 +514,7 @@ class MeshDaemon:
             handshakes=dict(self.handshakes),
             drops=drops,
             gossip=dict(node.membership.counters),
+            traversal=dict(node.traversal.counters),
             peers=traffic,
         )
 

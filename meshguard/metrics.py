@@ -14,6 +14,8 @@ Exposed (counters are totals since the daemon started):
 - ``meshguard_handshakes_total{result}``: handshakes by result (initiated, completed, ...);
 - ``meshguard_dropped_datagrams_total{reason}``: drops by reason (decode_error, replay, ...);
 - ``meshguard_gossip_events_total{event}``: SWIM counters (untrusted_sender, forged_claim, ...);
+- ``meshguard_traversal_events_total{event}``: NAT traversal counters (punch_succeeded,
+  punch_failed, relay_forwarded, relay_forwarded_bytes, ...), so a relay shows that it relays;
 - ``meshguard_peer_receive_bytes_total{peer}``, ``meshguard_peer_transmit_bytes_total{peer}``:
   traffic per peer, labelled by trusted name or short key.
 """
@@ -55,6 +57,7 @@ class MetricsSnapshot:
     handshakes: Mapping[str, int] = field(default_factory=dict)
     drops: Mapping[str, int] = field(default_factory=dict)
     gossip: Mapping[str, int] = field(default_factory=dict)
+    traversal: Mapping[str, int] = field(default_factory=dict)
     peers: Sequence[PeerTraffic] = ()
 
 
@@ -109,6 +112,8 @@ class _SnapshotCollector(Collector):
              snapshot.drops),
             ("meshguard_gossip_events", "Membership protocol events and rejections (untrusted "
              "senders, forged claims, ...).", "event", snapshot.gossip),
+            ("meshguard_traversal_events", "NAT traversal events (punches, relayed datagrams "
+             "and bytes, refusals, ...).", "event", snapshot.traversal),
         ):  # fmt: skip
             family = CounterMetricFamily(name, documentation, labels=[label])
             for key in sorted(values):

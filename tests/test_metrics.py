@@ -28,6 +28,7 @@ SNAPSHOT = MetricsSnapshot(
     handshakes={"initiated": 7, "completed": 5},
     drops={"decode_error": 11, "replay": 2},
     gossip={"untrusted_sender": 9, "forged_claim": 1},
+    traversal={"relay_forwarded": 40, "relay_forwarded_bytes": 64320},
     peers=(PeerTraffic("db1", 1000, 2000), PeerTraffic("k9Zx+/ab", 5, 0)),
 )
 
@@ -78,6 +79,8 @@ def test_scrape_over_loopback_reports_the_snapshot(server: MetricsServer) -> Non
         ("meshguard_dropped_datagrams_total", (("reason", "replay"),)): 2,
         ("meshguard_gossip_events_total", (("event", "untrusted_sender"),)): 9,
         ("meshguard_gossip_events_total", (("event", "forged_claim"),)): 1,
+        ("meshguard_traversal_events_total", (("event", "relay_forwarded"),)): 40,
+        ("meshguard_traversal_events_total", (("event", "relay_forwarded_bytes"),)): 64320,
         ("meshguard_peer_receive_bytes_total", (("peer", "db1"),)): 1000,
         ("meshguard_peer_transmit_bytes_total", (("peer", "db1"),)): 2000,
         ("meshguard_peer_receive_bytes_total", (("peer", "k9Zx+/ab"),)): 5,
