@@ -98,3 +98,101 @@ def membership_core(host: HostContext) -> Core:
         now=host.now,
     )
     return core
+
+
+WALLCLOCK_EPOCH = 1_800_000_000.0
+"""Simulated wall clock = epoch + simulated time, so a restarted node's WireGuard handshake
+timestamps still move forward (its peers reject replayed or older ones)."""
+
+
+class NodeCore:
+    """The composed ``meshguard.sansio.node.Node`` (SWIM, WireGuard, NAT traversal) behind
+    the simulator's ``Core`` surface, plus the data plane (``send_packets``, ``tun_packets``)
+    and the path table (``paths``).
+
+    ``events()`` hands the membership tracker only SWIM's events; tunnel and path events
+    are counted in ``event_counts`` so the summary still shows them.
+    """
+
+    def __init__(self, host: HostContext, *, nat: Any = None, allow_relay: bool = True) -> None:
+        from meshguard.sansio.messages import Endpoint
+        from meshguard.sansio.node import Node, NodeConfig
+
+        self._now = host.now
+        self.event_counts: dict[str, int] = {}
+        self.node = Node(
+            host.identity,
+            config=NodeConfig(swim=swim_config(host.protocol), nat=nat,
+                              allow_relay=allow_relay),
+            trusted_keys=host.trusted_keys,
+            advertised_endpoints=[Endpoint(host.address[0], host.address[1])],
+            rng=host.rng,
+            entropy=host.entropy,
+            wallclock=self._wallclock,
+            now=host.now,
+        )
+        self.counters = self.node.counters
+
+    def _wallclock(self) -> float:
+        return WALLCLOCK_EPOCH + self._now
+
+    def join(self, seeds: Sequence[Address], now: float, *,
+             seed_keys: Sequence[bytes] = ()) -> None:
+        self._now = now
+        self.node.join(seeds, now)
+
+    def leave(self, now: float) -> None:
+        self._now = now
+        self.node.leave(now)
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        self._now = now
+        self.node.receive_datagram(data, addr, now)
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        return self.node.datagrams_to_send()
+
+    def events(self) -> Sequence[object]:
+        from meshguard.sansio.swim import MembershipEvent
+
+        membership: list[object] = []
+        for event in self.node.events():
+            if isinstance(event, MembershipEvent):
+                membership.append(event)
+            else:
+                kind = type(event).__name__
+                self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
+        return membership
+
+    def next_deadline(self) -> float | None:
+        return self.node.next_deadline()
+
+    def on_timer(self, now: float) -> None:
+        self._now = now
+        self.node.on_timer(now)
+
+    def member(self, public_key: bytes) -> MemberViewLike | None:
+        view: MemberViewLike | None = self.node.membership.member(public_key)
+        return view
+
+    def members(self) -> Sequence[MemberViewLike]:
+        views: Sequence[MemberViewLike] = self.node.membership.members()
+        return views
+
+    def send_packets(self, packets: Sequence[bytes], now: float) -> None:
+        self._now = now
+        self.node.send_packets(packets, now)
+
+    def tun_packets(self) -> list[bytes]:
+        return self.node.tun_packets()
+
+    def path_kinds(self) -> dict[bytes, str]:
+        """The kind of path (direct, punched, relayed, unreachable, connecting) per member."""
+        return {key: info.kind.value for key, info in self.node.paths().items()}
+
+
+def node_core(host: HostContext) -> Core:
+    """The composed ``Node`` on a public address (no NAT in front of it, relaying allowed)."""
+    from meshguard.sansio.messages import NatFiltering, NatInfo, NatMapping
+
+    return NodeCore(host, nat=NatInfo(NatMapping.NONE, NatFiltering.ENDPOINT_INDEPENDENT))

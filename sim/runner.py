@@ -29,8 +29,9 @@ import simpy
 from tqdm import tqdm
 
 from meshguard.identity.keys import Identity
+from meshguard.identity.meshaddr import mesh_ipv4
 from meshguard.sansio.types import Address
-from sim.cores import Core, CoreFactory, HostContext, membership_core, swim_config
+from sim.cores import Core, CoreFactory, HostContext, membership_core, node_core, swim_config
 from sim.metrics import MembershipTracker, Series, Trace, Violation, summarise
 from sim.network import Network, build_underlay
 from sim.scenario import (
@@ -45,6 +46,7 @@ from sim.scenario import (
     SetLoss,
     initial_node_names,
 )
+from sim.traffic import SentPacket, TrafficLedger
 
 EXPECTED_FIRST_DETECTION_PERIODS = math.e / (math.e - 1)
 """SWIM paper: expected protocol periods until some member first probes a crashed one."""
@@ -74,6 +76,8 @@ class Host:
     life: int = 0
     wake_at: float | None = None
     wake_generation: int = 0
+    last_down: float = -math.inf
+    last_up: float = -math.inf
 
 
 @dataclass(slots=True)
@@ -102,10 +106,10 @@ class Result:
 class Simulation:
     """One run of one scenario with one seed."""
 
-    def __init__(self, scenario: Scenario, *, core_factory: CoreFactory = membership_core) -> None:
+    def __init__(self, scenario: Scenario, *, core_factory: CoreFactory | None = None) -> None:
         self.scenario = scenario
         self.seed = scenario.seed
-        self.core_factory = core_factory
+        self.core_factory = core_factory or CORE_FACTORIES[scenario.core]
         self.env = simpy.Environment()
         self.trace = Trace()
         self.hosts = self._make_hosts()
@@ -130,6 +134,11 @@ class Simulation:
             self._at(event.at, partial(self._apply, event.action))
         self._next_sample = scenario.sample_interval
         self._at(self._next_sample, self._sample)
+        self.traffic: TrafficLedger | None = None
+        if scenario.traffic is not None:
+            self.traffic = TrafficLedger(scenario.traffic.payload)
+            self.traffic_rng = stream(self.seed, "traffic")
+            self._at(scenario.traffic.start, self._send_traffic)
         settle = scenario.settle
         if settle is not None and scenario.last_event_at + settle <= scenario.duration:
             self._at(scenario.last_event_at + settle, self._check_settled)
@@ -168,6 +177,7 @@ class Simulation:
         now = self.env.now
         host.life += 1
         host.state = "live"
+        host.last_up = now
         label = f"{host.name}:{host.life}"
         context = HostContext(
             name=host.name, identity=host.identity, address=host.address,
@@ -204,6 +214,10 @@ class Simulation:
         address = host.address
         for data, destination in core.datagrams_to_send():
             send(address, destination, data)
+        if self.traffic is not None:
+            packets = core.tun_packets()  # type: ignore[attr-defined]
+            if packets:
+                self.traffic.received(host.name, packets, self.env.now)
         events = core.events()
         if events:
             self.tracker.on_events(host.name, events, self.env.now, core)
@@ -227,6 +241,7 @@ class Simulation:
         self._after(host)
 
     def _stop(self, host: Host) -> None:
+        host.last_down = self.env.now
         host.core = None
         host.wake_at = None
         host.wake_generation += 1
@@ -277,6 +292,7 @@ class Simulation:
         self.trace.event(now, f"leave {host.name}")
         host.state = "leaving"
         self.tracker.node_down(host.name, now, crashed=False)
+        host.last_down = now
         core.leave(now)
         self._after(host)
         self._at(now + self.scenario.leave_linger, partial(self._finish_leave, host, host.life))
@@ -303,6 +319,45 @@ class Simulation:
             wanted = max(1, round((selector.fraction or 0.0) * len(pool)))
         chosen = set(self.event_rng.sample(pool, min(wanted, len(pool))))
         return [name for name in pool if name in chosen]
+
+    # -- data plane -------------------------------------------------------------------------
+
+    def _send_traffic(self) -> None:
+        """Each live node sends one packet to a random other live node's mesh IPv4."""
+        spec = self.scenario.traffic
+        ledger = self.traffic
+        if spec is None or ledger is None:
+            return
+        now = self.env.now
+        live = [host for host in self.hosts.values() if host.state == "live"]
+        rng = self.traffic_rng
+        for host in live:
+            if len(live) < 2 or host.core is None:
+                continue
+            target = live[rng.randrange(len(live) - 1)]
+            if target is host:
+                target = live[-1]
+            packet = ledger.packet(host.name, target.name, mesh_ipv4(host.identity.public_key),
+                                   mesh_ipv4(target.identity.public_key), now)
+            host.core.send_packets([packet], now)  # type: ignore[attr-defined]
+            self._after(host)
+        if now + spec.interval < self.scenario.duration - DEADLINE_EPSILON:
+            self._at(now + spec.interval, self._send_traffic)
+
+    def _traffic_summary(self) -> dict[str, Any]:
+        spec = self.scenario.traffic
+        ledger = self.traffic
+        if spec is None or ledger is None:
+            return {}
+        cutoff = self.scenario.duration - spec.grace
+
+        def steady(record: SentPacket) -> bool:
+            src, dst = self.hosts[record.src], self.hosts[record.dst]
+            return (record.at <= cutoff and src.state == "live" and dst.state == "live"
+                    and src.last_down < record.at and dst.last_down < record.at
+                    and max(src.last_up, dst.last_up) + spec.grace <= record.at)
+
+        return ledger.summary([record for record in ledger.sent if steady(record)])
 
     # -- measurement ------------------------------------------------------------------------
 
@@ -390,13 +445,20 @@ class Simulation:
             "trace_records": self.trace.records,
             "violations": [str(violation) for violation in tracker.violations],
         }
+        summary.update(self._traffic_summary())
+        node_events: dict[str, int] = {}
+        for core in tables.values():
+            for kind, count in getattr(core, "event_counts", {}).items():
+                node_events[kind] = node_events.get(kind, 0) + count
+        if node_events:
+            summary["node_events"] = dict(sorted(node_events.items()))
         return Result(self.scenario, summary, self.series, list(tracker.violations),
                       crashes=crashes)
 
 
 def run(scenario: Scenario, *, seed: int | None = None, out_dir: str | Path | None = None,
         progress: bool = False, plot: bool = False,
-        core_factory: CoreFactory = membership_core) -> Result:
+        core_factory: CoreFactory | None = None) -> Result:
     """Runs ``scenario`` (with ``seed`` overriding its own) and returns the ``Result``.
 
     With ``out_dir`` the summary, the CSV series and (with ``plot``) the PNG charts are
@@ -441,3 +503,7 @@ def write_outputs(result: Result, out_dir: Path, *, plot: bool) -> None:
 
 def _csv_value(value: float) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+CORE_FACTORIES: dict[str, CoreFactory] = {"membership": membership_core, "node": node_core}
+"""The core a scenario's ``core:`` field names."""

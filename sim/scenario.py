@@ -168,6 +168,20 @@ Action = Crash | Restart | Leave | Join | Partition | Heal | SetLoss
 
 
 @dataclass(frozen=True, slots=True)
+class TrafficSpec:
+    """Data-plane traffic (``core: node`` only): from ``start`` on, every ``interval`` seconds
+    each live node sends one ``payload``-byte UDP packet to a random other live node's mesh
+    IPv4. Packets sent in the last ``grace`` seconds, within ``grace`` seconds of either
+    end's (re)start, or to or from a node that went down after the send, do not count toward
+    the delivery ratio (they are still counted in ``traffic_sent``)."""
+
+    interval: float = 5.0
+    start: float = 30.0
+    payload: int = 64
+    grace: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     at: float
     action: Action
@@ -187,6 +201,8 @@ class Scenario:
     leave_linger: float = 10.0
     protocol: Mapping[str, Any] = field(default_factory=dict)
     source: str = "scenario"
+    core: Literal["membership", "node"] = "membership"
+    traffic: TrafficSpec | None = None
 
     @property
     def last_event_at(self) -> float:
@@ -600,6 +616,15 @@ def _parse(data: object, default_name: str, protocol_validator: ProtocolValidato
     network = _network(fields.get("network"), groups)
     protocol_raw = fields.get("protocol", {})
     protocol = protocol_validator(_Fields(protocol_raw or {}, "protocol").data, "protocol")
+    core = fields.get("core", "membership")
+    if core not in ("membership", "node"):
+        raise ScenarioError("core", f"must be membership or node, got {_show(core)}")
+    traffic = None
+    if fields.get("traffic") is not None:
+        if core != "node":
+            raise ScenarioError("traffic", "needs core: node (the membership core has no "
+                                "data plane)")
+        traffic = _traffic(fields.get("traffic"))
     raw_events = fields.get("events", [])
     if raw_events is None:
         raw_events = []
@@ -624,7 +649,27 @@ def _parse(data: object, default_name: str, protocol_validator: ProtocolValidato
         name=name, seed=seed, duration=duration, nodes=nodes, network=network,
         events=tuple(event for _, event in events), size=size,
         sample_interval=sample_interval, settle=settle, leave_linger=leave_linger,
-        protocol=protocol, source=source)
+        protocol=protocol, source=source, core="node" if core == "node" else "membership",
+        traffic=traffic)
+
+
+def _traffic(value: object) -> TrafficSpec:
+    fields = _Fields(value, "traffic")
+    default = TrafficSpec()
+    spec = TrafficSpec(
+        interval=_number(fields.get("interval", default.interval), "traffic.interval",
+                         low=0.0, low_open=True, what="a duration in seconds > 0"),
+        start=_number(fields.get("start", default.start), "traffic.start", low=0.0,
+                      what="a time in seconds >= 0"),
+        payload=_integer(fields.get("payload", default.payload), "traffic.payload", low=13,
+                         what="a payload size in bytes, 13-1300"),
+        grace=_number(fields.get("grace", default.grace), "traffic.grace", low=0.0,
+                      what="a duration in seconds >= 0"))
+    if spec.payload > 1300:
+        raise ScenarioError("traffic.payload",
+                            f"must be a payload size in bytes, 13-1300, got {spec.payload}")
+    fields.done()
+    return spec
 
 
 def _event_time(item: object) -> float:
