@@ -277,3 +277,29 @@ def test_direct_paths_among_nodes_of_unknown_nat_get_keepalives_from_one_side() 
     assert all(
         node.paths()[key].kind is PathKind.DIRECT for node in mesh.nodes for key in node.paths()
     )
+
+
+def test_a_node_that_is_its_own_stun_server_learns_its_address() -> None:
+    """Our own Binding request comes back with our own transaction ID: it is a request, so the
+    responder answers it, and the answer (same ID) then completes our query."""
+    own: Address = ("203.0.113.1", PORT)
+    identity = Identity.from_seed(hashlib.sha256(b"node-test:own-stun").digest())
+    node = Node(
+        identity,
+        config=NodeConfig(swim=SwimConfig.lan(), stun_servers=(own,)),
+        trusted_keys=[identity.public_key],
+        advertised_endpoints=[Endpoint(*own)],
+        rng=random.Random(1),
+        entropy=random.Random("entropy:own-stun").randbytes,
+        wallclock=lambda: 1_800_000_000.0,
+        now=0.0,
+    )
+    mapped: list[stun.MappedAddress] = []
+    now = 0.0
+    for _ in range(6):
+        now += 0.01
+        for data, destination in node.datagrams_to_send():
+            if destination == own:
+                node.receive_datagram(data, own, now)
+        mapped.extend(e for e in node.events() if isinstance(e, stun.MappedAddress))
+    assert [(event.server, event.mapped) for event in mapped][:1] == [(own, own)]

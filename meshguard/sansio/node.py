@@ -148,6 +148,12 @@ def _is_wireguard(datagram: bytes) -> bool:
     )
 
 
+def _is_stun_request(data: bytes) -> bool:
+    """Whether a STUN message (``is_stun``) is a request: both class bits of its type are 0
+    (RFC 8489 §5: C1 is bit 8, C0 bit 4 of the 14-bit type)."""
+    return data[0] & 0x01 == 0 and data[1] & 0x10 == 0
+
+
 def _address_of(endpoint: Endpoint) -> Address:
     return (endpoint.host, endpoint.port)
 
@@ -331,12 +337,26 @@ class Node:
                 self.counters["unhandled_message"] += 1
 
     def _receive_stun(self, data: bytes, addr: Address, now: float) -> None:
+        """Requests go to the responder; answers to whichever of our clients asked.
+
+        A request carrying our own transaction ID is our own query come back (our address
+        is among our STUN servers, or the NAT prober's hairpin test): it is answered all the
+        same, and the prober also sees it, since its arrival is what proves hairpinning.
+        """
+        if _is_stun_request(data):
+            if self._prober is not None and self._prober.matches(data):
+                self._prober.receive_datagram(data, addr, now)
+            self._answer_stun(data, addr)
+            return
         if self._prober is not None and self._prober.matches(data):
             self._prober.receive_datagram(data, addr, now)
             return
         if self.stun_client.matches(data):
             self.stun_client.receive_datagram(data, addr, now)
             return
+        self.counters["stun_dropped"] += 1
+
+    def _answer_stun(self, data: bytes, addr: Address) -> None:
         if self._stun_responder is not None:
             answer = self._stun_responder.answer(data, addr)
             if answer is not None:
