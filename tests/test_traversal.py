@@ -733,3 +733,29 @@ def test_linux_conntrack_clash_is_punched_through_with_a_few_extra_ports() -> No
     assert net.path(1, 2) is PathKind.PUNCHED and net.path(2, 1) is PathKind.PUNCHED
     assert net.exchange(1, 2, b"clash")
     assert counter(net, 0, "relay_forwarded") == 0
+
+
+def test_a_punch_that_came_too_early_is_answered_once_the_initiator_is_known() -> None:
+    """The initiator learned of the target first; its PunchRequest reached a target that
+    did not know it yet (refused). When the initiator's record reaches the target, the
+    target punches back at once, even when its greater key would otherwise make it wait."""
+    net = Net([None, NatBox("203.0.113.2"), NatBox("203.0.113.3")])
+    target, initiator = (1, 2) if net.keys[1] > net.keys[2] else (2, 1)
+    net.nodes[target].join([net.where[0]], net.now)
+    net.flush(target)
+    net.run_until(3.0)
+    assert net.keys[initiator] not in net.nodes[target].paths()
+    request = PunchRequest(777, net.keys[initiator], net.keys[target], ())
+    datagram = net.nodes[0].membership.seal_to(net.keys[target], request)
+    assert datagram is not None
+    net.nodes[target].receive_datagram(datagram, net.where[0], net.now)
+    assert counter(net, target, "punch_refused") == 1
+    sent = counter(net, target, "punch_requests_sent")
+    net.nodes[initiator].join([net.where[0]], net.now)
+    net.flush(initiator)
+    while net.keys[initiator] not in net.nodes[target].paths() and net.now < 20.0:
+        net.run_until(net.now + 0.01)
+    assert counter(net, target, "punch_requests_sent") == sent + 1
+    learned = net.now
+    net.run_until(learned + 2.0)
+    assert net.path(target, initiator) is PathKind.PUNCHED

@@ -90,6 +90,8 @@ COUNTERS = (
     "punch_replay",
     "punch_unexpected",
     "punch_refused",
+    "punch_early",
+    "punch_early_dropped",
     "rendezvous_full",
     "keepalives_sent",
     "paths_lost",
@@ -165,9 +167,10 @@ class TraversalConfig:
     spray_ports: int = 64
     """Port prediction: ports above a per-destination-mapping peer's observed port probed."""
     spray_always: int = 4
-    """Ports above the peer's first candidate probed in every punch. Linux conntrack gives an
-    outbound flow the next free port when the peer's unsolicited probe to our mapping came
-    first (the two flows' tuples clash), so the mapping toward the peer is often +1."""
+    """Ports above the peer's first candidate probed in every punch. When the peer's
+    unsolicited probe reached our NAT first, our outbound flow's tuple clashes with it; old
+    Linux kernels then took the next free port (+1), current ones a random port, which only
+    a relay gets past (a NAT that drops unsolicited input avoids the clash altogether)."""
     keepalive_interval: float = 25.0
     """Probe period on confirmed paths through a NAT (below common 30 s UDP timeouts)."""
     keepalive_misses: int = 3
@@ -329,6 +332,9 @@ class Traversal:
         """Advertised endpoint → the members advertising it (for ``redirect``)."""
         self._awaiting_rendezvous: dict[bytes, None] = {}
         """Members whose punch found no rendezvous: retried as soon as one appears."""
+        self._early_initiators: dict[bytes, float] = {}
+        """Keys that asked to punch us before we knew them as members, until when that
+        counts: when one becomes a member we punch toward it at once (it is waiting)."""
         self._timers: list[tuple[float, int, bytes | int]] = []
         self._timer_order = 0
         self._outbox: list[tuple[bytes, Address]] = []
@@ -360,7 +366,10 @@ class Traversal:
         path.keepalive_id = self._rng.getrandbits(64)
         self._paths[key] = path
         self._own_addresses(key, (), addresses)
-        self._start_check(path, now)
+        if self._early_initiators.pop(key, -_INF) >= now:
+            self._start_punch(path, now, defer=False)
+        else:
+            self._start_check(path, now)
         return path.endpoint
 
     def update_member(
@@ -1018,6 +1027,8 @@ class Traversal:
             path = self._paths.get(request.initiator)
             if path is None or request.initiator == self._own:
                 self.counters["punch_refused"] += 1
+                if path is None and request.initiator != self._own:
+                    self._remember_early_initiator(request.initiator, now)
                 return
             if request.session in self._recent:
                 self.counters["punch_replay"] += 1
@@ -1056,6 +1067,20 @@ class Traversal:
         )
         self._send(request.target, forwarded, target_address)
         self.counters["punch_requests_forwarded"] += 1
+
+    def _remember_early_initiator(self, initiator: bytes, now: float) -> None:
+        """A punch from a key we do not know yet (its record has not reached us): it falls
+        back to a relay and retries only after ``retry_min``, so the first move is ours
+        once it becomes a member within that time."""
+        if len(self._early_initiators) >= self._config.rendezvous_entries:
+            for key, until in list(self._early_initiators.items()):
+                if until < now:
+                    del self._early_initiators[key]
+            if len(self._early_initiators) >= self._config.rendezvous_entries:
+                self.counters["punch_early_dropped"] += 1
+                return
+        self._early_initiators[initiator] = now + self._config.retry_min
+        self.counters["punch_early"] += 1
 
     def _on_response(
         self, sender: bytes, response: PunchResponse, addr: Address, now: float
