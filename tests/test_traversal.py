@@ -680,11 +680,11 @@ def _with_keys(
     if isinstance(message, PunchRequest | PunchResponse):
         return dataclasses.replace(
             message,
-            initiator=net.keys[message.initiator],  # type: ignore[index]
-            target=net.keys[message.target],  # type: ignore[index]
+            initiator=net.keys[message.initiator],  # type: ignore[call-overload]
+            target=net.keys[message.target],  # type: ignore[call-overload]
         )
     if isinstance(message, RelayEnvelope):
-        return dataclasses.replace(message, peer=net.keys[message.peer])  # type: ignore[index]
+        return dataclasses.replace(message, peer=net.keys[message.peer])  # type: ignore[call-overload]
     assert isinstance(message, PunchProbe)
     return message
 
