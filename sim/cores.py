@@ -47,6 +47,8 @@ class HostContext:
     entropy: Entropy
     now: float
     protocol: Mapping[str, Any]
+    behind_nat: bool = False
+    """A NAT device sits in front of ``address`` (scenario ``nat:``)."""
 
 
 CoreFactory = Callable[[HostContext], Core]
@@ -192,7 +194,11 @@ class NodeCore:
 
 
 def node_core(host: HostContext) -> Core:
-    """The composed ``Node`` on a public address (no NAT in front of it, relaying allowed)."""
+    """The composed ``Node``. On a public address it says so and relays for others; behind a
+    NAT it learns its mapping and NAT type from public members by STUN, as a real one would.
+    """
     from meshguard.sansio.messages import NatFiltering, NatInfo, NatMapping
 
+    if host.behind_nat:
+        return NodeCore(host, nat=None, allow_relay=False)
     return NodeCore(host, nat=NatInfo(NatMapping.NONE, NatFiltering.ENDPOINT_INDEPENDENT))

@@ -33,6 +33,7 @@ from meshguard.identity.meshaddr import mesh_ipv4
 from meshguard.sansio.types import Address
 from sim.cores import Core, CoreFactory, HostContext, membership_core, node_core, swim_config
 from sim.metrics import MembershipTracker, Series, Trace, Violation, summarise
+from sim.nat import NatPlan, place_nats
 from sim.network import Network, build_underlay
 from sim.scenario import (
     Crash,
@@ -114,15 +115,24 @@ class Simulation:
         self.trace = Trace()
         self.hosts = self._make_hosts()
         self.graph = build_underlay(scenario, [(h.name, h.group) for h in self.hosts.values()])
+        initial = initial_node_names(scenario.nodes)
+        self.nats = NatPlan()
+        if scenario.nat is not None:
+            self.nats = place_nats(
+                self.graph, scenario.nat,
+                [(host.name, host.group, host.address[0]) for host in self.hosts.values()],
+                initial[scenario.nodes.seeds:], scenario.network.access,
+                stream(self.seed, "nat"))
         self.network = Network(self.env, self.graph, stream(self.seed, "network"),
                                on_delivery=self.trace.delivery)
         for host in self.hosts.values():
             self.network.assign_ip(host.address[0], host.name)
+        for name, device in self.nats.devices.items():
+            self.network.assign_ip(device.public_ip, name)
         keys = {host.name: host.identity.public_key for host in self.hosts.values()}
         self.trusted_keys = tuple(keys.values())
         self.tracker = MembershipTracker(keys, self.trace)
         self.series = Series()
-        initial = initial_node_names(scenario.nodes)
         self.seed_names = initial[:scenario.nodes.seeds]
         self.seed_addresses = [self.hosts[name].address for name in self.seed_names]
         self.seed_keys = [self.hosts[name].identity.public_key for name in self.seed_names]
@@ -134,6 +144,7 @@ class Simulation:
             self._at(event.at, partial(self._apply, event.action))
         self._next_sample = scenario.sample_interval
         self._at(self._next_sample, self._sample)
+        self.full_connectivity_at: float | None = None
         self.traffic: TrafficLedger | None = None
         if scenario.traffic is not None:
             self.traffic = TrafficLedger(scenario.traffic.payload)
@@ -183,7 +194,7 @@ class Simulation:
             name=host.name, identity=host.identity, address=host.address,
             trusted_keys=self.trusted_keys, rng=stream(self.seed, "rng", label),
             entropy=stream(self.seed, "entropy", label).randbytes, now=now,
-            protocol=self.scenario.protocol)
+            protocol=self.scenario.protocol, behind_nat=host.name in self.nats.front_of)
         core = self.core_factory(context)
         host.core = core
         host.wake_at = None
@@ -344,6 +355,48 @@ class Simulation:
         if now + spec.interval < self.scenario.duration - DEADLINE_EPSILON:
             self._at(now + spec.interval, self._send_traffic)
 
+    def _path_counts(self) -> dict[str, int] | None:
+        """Ordered pairs of live nodes by the kind of path the first has to the second
+        (``none``: the first has no path entry for the second). None for cores without
+        paths."""
+        live = [host for host in self.hosts.values() if host.state == "live"]
+        counts = dict.fromkeys(PATH_KINDS, 0)
+        for host in live:
+            path_kinds = getattr(host.core, "path_kinds", None)
+            if path_kinds is None:
+                return None
+            kinds = path_kinds()
+            for other in live:
+                if other is not host:
+                    kind = kinds.get(other.identity.public_key, "none")
+                    counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+    def _check_connectivity(self) -> None:
+        """Notes the first sample at which every ordered live pair has a working path."""
+        if self.full_connectivity_at is not None or self.env.now < self.scenario.nodes.join_at:
+            return
+        counts = self._path_counts()
+        if counts is not None and sum(counts[kind] for kind in CONNECTED_PATHS) == sum(
+                counts.values()):
+            self.full_connectivity_at = self.env.now
+
+    def _path_summary(self) -> dict[str, Any]:
+        counts = self._path_counts()
+        if counts is None:
+            return {}
+        summary: dict[str, Any] = {f"pairs_{kind}": count for kind, count in counts.items()}
+        summary["pairs_total"] = sum(counts.values())
+        summary["time_to_full_connectivity"] = self.full_connectivity_at
+        if self.nats.devices:
+            kinds: dict[str, int] = {}
+            for label in self.nats.kind_of.values():
+                kinds[label] = kinds.get(label, 0) + 1
+            summary["nat_hosts"] = dict(sorted(kinds.items()))
+            summary["nat_devices"] = len(self.nats.devices)
+            summary["nat_counters"] = self.nats.counters()
+        return summary
+
     def _traffic_summary(self) -> dict[str, Any]:
         spec = self.scenario.traffic
         ledger = self.traffic
@@ -367,6 +420,8 @@ class Simulation:
         delta = {key: counters[key] - self._last_counters[key] for key in counters}
         self._last_counters = dict(counters)
         self.tracker.sample(now, self.series, delta)
+        if self.scenario.core == "node":
+            self._check_connectivity()
         self._next_sample = now + self.scenario.sample_interval
         if self._next_sample < self.scenario.duration - DEADLINE_EPSILON:
             self._at(self._next_sample, self._sample)
@@ -445,6 +500,7 @@ class Simulation:
             "trace_records": self.trace.records,
             "violations": [str(violation) for violation in tracker.violations],
         }
+        summary.update(self._path_summary())
         summary.update(self._traffic_summary())
         node_events: dict[str, int] = {}
         for core in tables.values():
@@ -504,6 +560,9 @@ def write_outputs(result: Result, out_dir: Path, *, plot: bool) -> None:
 def _csv_value(value: float) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
+
+PATH_KINDS = ("direct", "punched", "relayed", "unreachable", "connecting", "none")
+CONNECTED_PATHS = ("direct", "punched", "relayed")
 
 CORE_FACTORIES: dict[str, CoreFactory] = {"membership": membership_core, "node": node_core}
 """The core a scenario's ``core:`` field names."""

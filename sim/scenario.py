@@ -182,6 +182,24 @@ class TrafficSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class NatSpec:
+    """Which initial nodes sit behind NAT devices, and which kinds (``core: node`` only).
+
+    ``fraction`` of the initial nodes (never a seed) go behind NATs, ``hosts_per_nat`` to a
+    device (in the same group); each device's kind is drawn from ``mix`` (name → weight, the
+    names of ``sim.nat.NAT_TYPES``). ``cgnat`` is the fraction of devices nested behind
+    their group's carrier-grade NAT (of kind ``cgnat_type``)."""
+
+    fraction: float
+    mix: tuple[tuple[str, float], ...]
+    hosts_per_nat: int = 1
+    timeout: float = 120.0
+    hairpinning: bool = True
+    cgnat: float = 0.0
+    cgnat_type: str = "port_restricted"
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     at: float
     action: Action
@@ -203,6 +221,7 @@ class Scenario:
     source: str = "scenario"
     core: Literal["membership", "node"] = "membership"
     traffic: TrafficSpec | None = None
+    nat: NatSpec | None = None
 
     @property
     def last_event_at(self) -> float:
@@ -625,6 +644,12 @@ def _parse(data: object, default_name: str, protocol_validator: ProtocolValidato
             raise ScenarioError("traffic", "needs core: node (the membership core has no "
                                 "data plane)")
         traffic = _traffic(fields.get("traffic"))
+    nat = None
+    if fields.get("nat") is not None:
+        if core != "node":
+            raise ScenarioError("nat", "needs core: node (the membership core has no NAT "
+                                "traversal)")
+        nat = _nat(fields.get("nat"))
     raw_events = fields.get("events", [])
     if raw_events is None:
         raw_events = []
@@ -650,7 +675,43 @@ def _parse(data: object, default_name: str, protocol_validator: ProtocolValidato
         events=tuple(event for _, event in events), size=size,
         sample_interval=sample_interval, settle=settle, leave_linger=leave_linger,
         protocol=protocol, source=source, core="node" if core == "node" else "membership",
-        traffic=traffic)
+        traffic=traffic, nat=nat)
+
+
+def _nat(value: object) -> NatSpec:
+    from sim.nat import NAT_TYPES
+
+    fields = _Fields(value, "nat")
+    fraction = _probability(fields.get("fraction"), "nat.fraction")
+    raw_mix = fields.get("mix", {"port_restricted": 1})
+    mix_fields = _Fields(raw_mix, "nat.mix")
+    known = ", ".join(NAT_TYPES)
+    mix = []
+    for key in mix_fields.data:
+        if key not in NAT_TYPES:
+            raise ScenarioError(f"nat.mix.{key}", f"unknown NAT kind (known: {known})")
+        mix.append((key, _number(mix_fields.get(key), f"nat.mix.{key}", low=0.0,
+                                 what="a weight >= 0")))
+    if not mix or sum(weight for _, weight in mix) <= 0:
+        raise ScenarioError("nat.mix", "needs at least one kind with a weight > 0")
+    cgnat_type = fields.get("cgnat_type", "port_restricted")
+    if cgnat_type not in NAT_TYPES:
+        raise ScenarioError("nat.cgnat_type", f"unknown NAT kind (known: {known}), got "
+                            f"{_show(cgnat_type)}")
+    hairpinning = fields.get("hairpinning", True)
+    if not isinstance(hairpinning, bool):
+        raise ScenarioError("nat.hairpinning", f"must be true or false, got {_show(hairpinning)}")
+    spec = NatSpec(
+        fraction=fraction, mix=tuple(mix),
+        hosts_per_nat=_integer(fields.get("hosts_per_nat", 1), "nat.hosts_per_nat", low=1,
+                               what="a positive integer"),
+        timeout=_number(fields.get("timeout", 120.0), "nat.timeout", low=0.0, low_open=True,
+                        what="a duration in seconds > 0"),
+        hairpinning=hairpinning,
+        cgnat=_probability(fields.get("cgnat", 0.0), "nat.cgnat"),
+        cgnat_type=str(cgnat_type))
+    fields.done()
+    return spec
 
 
 def _traffic(value: object) -> TrafficSpec:

@@ -85,3 +85,20 @@ def test_bad_traffic_settings_are_one_line_errors(patch: dict[str, object],
     with pytest.raises(sim.ScenarioError) as caught:
         sim.load_scenario({"duration": 10, "nodes": {"count": 2}, **patch})
     assert message in str(caught.value)
+
+
+def test_mixed_nat_mesh_reaches_full_connectivity() -> None:
+    result = sim.run(sim.load_scenario(ROOT / "scenarios" / "nat-mixed-30.yaml"))
+    summary = result.summary
+    assert result.ok, result.violations
+    assert summary["pairs_total"] == 30 * 29  # ordered pairs of live nodes
+    assert summary["pairs_unreachable"] == summary["pairs_connecting"] == 0
+    assert summary["pairs_none"] == 0
+    # NAT'd pairs needed every technique: some punched, the symmetric ones relayed.
+    assert summary["pairs_punched"] > 0 and summary["pairs_relayed"] > 0
+    assert summary["time_to_full_connectivity"] is not None
+    assert summary["time_to_full_connectivity"] < 60
+    assert sum(summary["nat_hosts"].values()) == 18  # 60% of 30, never a seed
+    assert any(kind.startswith("cgnat+") for kind in summary["nat_hosts"])
+    assert summary["nat_counters"]["filtered"] > 0
+    assert summary["traffic_delivery_ratio"] == 1.0 and summary["traffic_eligible"] > 500
