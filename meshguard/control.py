@@ -42,7 +42,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypedDict
+from typing import Any, NotRequired, Protocol, TypedDict
 
 from meshguard.errors import UserError
 
@@ -97,6 +97,8 @@ class MemberStatus(TypedDict):
 class Status(TypedDict):
     node: NodeStatus
     members: list[MemberStatus]
+    counters: NotRequired[dict[str, int]]
+    """Hole punching and relay counters (``relay_forwarded``, ``punch_succeeded``, ...)."""
 
 
 class PingResult(TypedDict):

@@ -579,6 +579,7 @@ class MeshDaemon:
                 uptime=time.monotonic() - self.started,
             ),
             members=members,
+            counters=dict(sorted(self.node.traversal.counters.items())),
         )
 
     def ping(self, public_key: bytes, timeout: float, done: control.PingDone) -> None:

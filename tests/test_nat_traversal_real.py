@@ -341,6 +341,7 @@ def test_symmetric_nats_are_relayed_through_r_and_carry_traffic(mesh: Mesh) -> N
     assert mesh.hosts["D"].members()["C"]["endpoint"] == RELAY
 
     before = mesh.counters()
+    relayed_before = mesh.hosts["R"].status()["counters"]["relay_forwarded_bytes"]
     c, d = mesh.hosts["C"], mesh.hosts["D"]
     sent, received = tcp_transfer(c.ns, d.ns, d.ipv4, TRANSFER)
     assert sent == received and sent.startswith(f"{TRANSFER} ")
@@ -348,6 +349,8 @@ def test_symmetric_nats_are_relayed_through_r_and_carry_traffic(mesh: Mesh) -> N
     delta = {name: after[name] - before[name] for name in COUNTERS}
     print("wan UDP bytes during the C->D transfer:", delta)
     assert delta["c_r"] >= TRANSFER and delta["r_d"] >= TRANSFER, "R did not carry the traffic"
+    relayed = mesh.hosts["R"].status()["counters"]["relay_forwarded_bytes"] - relayed_before
+    assert relayed >= TRANSFER, f"R's own relay counter shows only {relayed} bytes"
     assert delta["c_d"] < TRANSFER // 10 and delta["d_c"] < TRANSFER // 10
 
     out = c.cli("ping", "D", "--count", "3", "--interval", "0.1")
