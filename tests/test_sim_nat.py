@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import networkx as nx
 import pytest
@@ -16,6 +19,7 @@ from sim.nat import NAT_TYPES, Filtering, Mapping, Nat, NatBehaviour
 from sim.network import Network, Packet, add_link
 from sim.scenario import Latency, LinkSpec
 
+ROOT = Path(__file__).resolve().parent.parent
 INSIDE: Address = ("192.168.1.10", 51821)
 OTHER_INSIDE: Address = ("192.168.1.11", 51821)
 PEER: Address = ("198.51.100.1", 51821)
@@ -196,3 +200,31 @@ def test_seeds_stay_public_and_shared_nats_hold_several_hosts() -> None:
     assert len(behind) == 8 and not {"n0", "n1"} & set(behind)
     sizes = sorted(len(device.inside) for device in simulation.nats.devices.values())
     assert sizes == [2, 3, 3]
+
+
+NAT_SCENARIO = """
+duration: 40
+settle: null
+core: node
+traffic: {interval: 2, start: 20}
+nodes: {count: 8, seeds: 2, join_spread: 2}
+protocol: {profile: lan}
+nat: {fraction: 0.6, mix: {full_cone: 1, symmetric_random: 1, port_restricted: 1},
+      hosts_per_nat: 2, cgnat: 0.5}
+"""
+
+
+def test_nat_run_is_deterministic_across_processes(tmp_path: Path) -> None:
+    path = tmp_path / "nat.yaml"
+    path.write_text(NAT_SCENARIO)
+    first = sim.run(sim.load_scenario(path), seed=4)
+    lines = []
+    for run in range(2):
+        done = subprocess.run(
+            [sys.executable, "-m", "sim", str(path), "--seed", "4", "--quiet",
+             "--out", str(tmp_path / f"out{run}")],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+            env={"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": str(run + 3)})
+        assert done.returncode == 0, done.stderr
+        lines.append(done.stdout.splitlines()[-1])
+    assert lines == [f"seed 4  trace {first.trace_hash}"] * 2
