@@ -373,8 +373,11 @@ class Simulation:
         return counts
 
     def _check_connectivity(self) -> None:
-        """Notes the first sample at which every ordered live pair has a working path."""
-        if self.full_connectivity_at is not None or self.env.now < self.scenario.nodes.join_at:
+        """Notes the first sample, once every initial node has started, at which every
+        ordered live pair has a working path."""
+        nodes = self.scenario.nodes
+        if (self.full_connectivity_at is not None
+                or self.env.now < nodes.join_at + nodes.join_spread):
             return
         counts = self._path_counts()
         if counts is not None and sum(counts[kind] for kind in CONNECTED_PATHS) == sum(
