@@ -21,9 +21,8 @@ from __future__ import annotations
 import enum
 import functools
 import heapq
-from collections.abc import Iterable, MutableSequence, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 from meshguard.identity.keys import (
     Identity,
@@ -68,7 +67,7 @@ from meshguard.sansio.messages import (
 from meshguard.sansio.swim_broadcast import TransmitQueue
 from meshguard.sansio.swim_config import SwimConfig
 from meshguard.sansio.swim_lifeguard import Awareness, Suspicion
-from meshguard.sansio.types import Address, Entropy
+from meshguard.sansio.types import Address, Entropy, RandomSource
 
 __all__ = [
     "COUNTERS",
@@ -85,7 +84,6 @@ __all__ = [
     "MemberView",
     "Membership",
     "MembershipEvent",
-    "Random",
     "SwimConfig",
 ]
 
@@ -312,17 +310,6 @@ MembershipEvent = (
 )
 
 
-class Random(Protocol):
-    """The part of ``random.Random`` the machine uses (the core may not import ``random``)."""
-
-    def random(self) -> float: ...
-    def uniform(self, a: float, b: float) -> float: ...
-    def randrange(self, start: int, stop: int | None = None, step: int = 1) -> int: ...
-    def randint(self, a: int, b: int) -> int: ...
-    def shuffle(self, x: MutableSequence[Any]) -> None: ...
-    def getrandbits(self, k: int, /) -> int: ...
-
-
 class _IndexedKeys:
     """Keys in a list with positions, for O(1) add, remove and uniform random choice."""
 
@@ -349,7 +336,7 @@ class _IndexedKeys:
             self.items[position] = last
             self.positions[last] = position
 
-    def sample(self, rng: Random, count: int, exclude: tuple[bytes, ...]) -> list[bytes]:
+    def sample(self, rng: RandomSource, count: int, exclude: tuple[bytes, ...]) -> list[bytes]:
         """Up to ``count`` distinct random keys not in ``exclude`` (3·count tries at most)."""
         chosen: list[bytes] = []
         size = len(self.items)
@@ -472,7 +459,7 @@ class Membership:
         config: SwimConfig,
         trusted_keys: Iterable[bytes],
         advertised_endpoints: Sequence[Endpoint],
-        rng: Random,
+        rng: RandomSource,
         entropy: Entropy,
         now: float,
         nat: NatInfo | None = None,
