@@ -8,6 +8,7 @@ they fail instead.
 from __future__ import annotations
 
 import os
+from collections.abc import Generator
 
 import pytest
 
@@ -22,6 +23,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if _in_ci():
         pytest.fail("root-only test cannot run: CI must run as root", pytrace=False)
     pytest.skip("needs root (network namespaces, TUN, NAT)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """In CI a skipped root test (a missing tool, say) is a failure: it would hide a gap."""
+    report = yield
+    if _in_ci() and report.skipped and item.get_closest_marker("root") is not None:
+        report.outcome = "failed"
+        report.longrepr = f"root test skipped in CI: {report.longrepr}"
+    return report
 
 
 def pytest_collectreport(report: pytest.CollectReport) -> None:
