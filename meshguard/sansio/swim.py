@@ -480,7 +480,7 @@ class Membership:
         self._now = now
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._events: list[MembershipEvent] = []
-        self._outbox: list[tuple[bytes, Address]] = []
+        self._outbox: list[tuple[bytes, Address, bytes]] = []
 
         self._trusted: dict[bytes, bytes] = {}
         self._trusted_by_id: dict[bytes, bytes] = {}
@@ -676,6 +676,14 @@ class Membership:
         return seal(message, self._key_id, key, self._entropy(NONCE_SIZE))
 
     def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        return [(datagram, addr) for datagram, addr, _ in self.datagrams_to_members()]
+
+    def datagrams_to_members(self) -> list[tuple[bytes, Address, bytes]]:
+        """Outgoing datagrams with the member each is sealed for: (datagram, address, key).
+
+        The key lets a caller route by member rather than by address: behind NATs two
+        members can advertise the same private address, and only the key says who is meant.
+        """
         outbox, self._outbox = self._outbox, []
         return outbox
 
@@ -758,7 +766,9 @@ class Membership:
         key = self._pair_key(peer)
         if key is None:
             return
-        self._outbox.append((seal(message, self._key_id, key, self._entropy(NONCE_SIZE)), addr))
+        self._outbox.append(
+            (seal(message, self._key_id, key, self._entropy(NONCE_SIZE)), addr, peer)
+        )
         self.counters["datagram_sent"] += 1
 
     def _piggyback(self, bare_size: int, first: tuple[Update, ...]) -> tuple[Update, ...]:
