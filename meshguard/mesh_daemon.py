@@ -45,6 +45,7 @@ from meshguard.discovery import (
 from meshguard.drivers.kernel_wg import KernelWireGuard
 from meshguard.drivers.loop import DataPlane
 from meshguard.drivers.netlink import configure_interface
+from meshguard.drivers.path_mtu import RelayRouteMtu
 from meshguard.drivers.tun import TunDevice
 from meshguard.drivers.uapi import ExternalPeerStats, UapiClient, WireGuardGo
 from meshguard.drivers.udp import UdpSocket
@@ -65,7 +66,7 @@ from meshguard.sansio import swim
 from meshguard.sansio.messages import Endpoint
 from meshguard.sansio.node import Node, NodeConfig
 from meshguard.sansio.swim_config import SwimConfig
-from meshguard.sansio.traversal import PathKind
+from meshguard.sansio.traversal import PathChanged, PathKind
 from meshguard.sansio.types import Address
 from meshguard.sansio.wireguard import DeviceConfig, HandshakeCompleted, PeerUnreachable
 from meshguard.settings import HostPort, Settings
@@ -363,6 +364,8 @@ class MeshDaemon:
         self.icmp: socket.socket | None = None
         """Raw ICMP socket for ``meshguard ping`` when the tunnel is not ours to read."""
         self.interface = settings.interface
+        self.route_mtu: RelayRouteMtu | None = None
+        """Clamps the route MTU of relayed members once the interface is configured."""
         self.wireguard_go: WireGuardGo | None = None
         self.exit_status = 0
 
@@ -456,6 +459,8 @@ class MeshDaemon:
             self.handshakes["completed"] += 1
         elif isinstance(event, PeerUnreachable):
             self.handshakes["gave_up"] += 1
+        elif isinstance(event, PathChanged) and self.route_mtu is not None:
+            self.route_mtu.on_path(event.public_key, event.path)
 
     def housekeeping(self, now: float) -> float:
         """Trust polling, the state file and metrics; returns when to run next."""
@@ -708,6 +713,7 @@ class MeshDaemon:
             )
         except OSError as error:
             raise UserError(f"cannot configure interface {self.interface}: {error}") from None
+        self.route_mtu = RelayRouteMtu(self.interface, settings.mtu)
 
         if settings.advertise:
             self.base_endpoints = [Endpoint(e.host, e.port) for e in settings.advertise]
