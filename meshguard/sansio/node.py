@@ -222,6 +222,8 @@ class Node:
             str(mesh_ipv6(identity.public_key)): identity.public_key,
         }
         self._outbox: list[tuple[bytes, Address]] = []
+        self._seed_addresses: dict[Address, None] = {}
+        """Every address given to ``join``: datagrams to them go there, not by member key."""
         self._events: list[Event] = []
         self._external: list[tuple[bytes, bytes | None, Address]] = []
         self._endpoint_owners: dict[Address, bytes] | None = None
@@ -242,6 +244,7 @@ class Node:
     # -- membership control ------------------------------------------------------------
 
     def join(self, seeds: Sequence[Address], now: float) -> None:
+        self._seed_addresses.update(dict.fromkeys(seeds))
         self.membership.join(seeds, now)
         self._absorb(now)
 
@@ -397,8 +400,10 @@ class Node:
         if self._prober is not None:
             out.extend(self._prober.datagrams_to_send())
         out.extend(self.traversal.datagrams_to_send())
-        redirect = self.traversal.redirect
-        routed = [(data, redirect(addr)) for data, addr in self.membership.datagrams_to_send()]
+        routed = [
+            (data, self._membership_destination(key, addr))
+            for data, addr, key in self.membership.datagrams_to_members()
+        ]
         from_device = self.device.datagrams_to_send()
         if not self.traversal.has_virtual():
             out.extend(routed)
@@ -413,6 +418,23 @@ class Node:
             if wrapped is not None:
                 out.append(wrapped)
         return out
+
+    def _membership_destination(self, key: bytes, addr: Address) -> Address:
+        """Where a membership datagram sealed for member ``key`` goes: along the member's
+        path (direct, punched, or its virtual relay address), else where SWIM addressed it.
+
+        SWIM's address is kept when it is a seed address the member does not advertise: a
+        hello to an unknown seed is sealed for every trusted key, and is meant for whoever
+        is at that address, not for the members those keys belong to.
+        """
+        if addr in self._seed_addresses and not self._advertises(key, addr):
+            return addr
+        destination = self.traversal.destination(key)
+        return addr if destination is None else destination
+
+    def _advertises(self, key: bytes, addr: Address) -> bool:
+        view = self.membership.member(key)
+        return view is not None and any(_address_of(e) == addr for e in view.endpoints)
 
     def tun_packets(self) -> list[bytes]:
         return self.device.tun_packets()
@@ -696,11 +718,14 @@ class Node:
             self.identity.sign,
         )
         for key, peer in self._peers.items():
-            address = self.traversal.route(key)
+            address = self.traversal.destination(key)
             stats = self.device.peer_stats(peer.wireguard_key)
             if address is None or not stats.handshake_completed:
                 continue
             datagram = self._seal(key, EndpointUpdate(record))
-            if datagram is not None:
-                self._outbox.append((datagram, address))
+            sent = None if datagram is None else (datagram, address)
+            if sent is not None and is_virtual(address):
+                sent = self.traversal.wrap(sent[0], address)
+            if sent is not None:
+                self._outbox.append(sent)
                 self.counters["endpoint_updates_sent"] += 1

@@ -328,8 +328,6 @@ class Traversal:
         self._heard: dict[bytes, Address] = {}
         self._virtual: dict[Address, tuple[bytes, bytes]] = {}
         self._buckets: dict[bytes, _Bucket] = {}
-        self._owners: dict[Address, list[bytes]] = {}
-        """Advertised endpoint → the members advertising it (for ``redirect``)."""
         self._awaiting_rendezvous: dict[bytes, None] = {}
         """Members whose punch found no rendezvous: retried as soon as one appears."""
         self._early_initiators: dict[bytes, float] = {}
@@ -365,7 +363,6 @@ class Traversal:
         path = _Path(key, addresses, nat, endpoint=addresses[0] if addresses else None)
         path.keepalive_id = self._rng.getrandbits(64)
         self._paths[key] = path
-        self._own_addresses(key, (), addresses)
         if self._early_initiators.pop(key, -_INF) >= now:
             self._start_punch(path, now, defer=False)
         else:
@@ -385,7 +382,6 @@ class Traversal:
         path.nat = nat
         if addresses == path.endpoints:
             return
-        self._own_addresses(key, path.endpoints, addresses)
         path.endpoints = addresses
         if path.kind is PathKind.RELAYED:
             path.retry_delay = 0.0
@@ -408,8 +404,6 @@ class Traversal:
     def remove_member(self, key: bytes, now: float) -> None:
         path = self._paths.pop(key, None)
         self._awaiting_rendezvous.pop(key, None)
-        if path is not None:
-            self._own_addresses(key, path.endpoints, ())
         self._heard.pop(key, None)
         self._buckets.pop(key, None)
         for session_id in [s for s, v in self._sessions.items() if v.peer == key]:
@@ -421,35 +415,23 @@ class Traversal:
                 self._virtual.pop(virtual_address(key, other.key), None)
                 self._path_lost(other, now)
 
-    def _own_addresses(self, key: bytes, old: Sequence[Address], new: Sequence[Address]) -> None:
-        for addr in old:
-            owners = self._owners.get(addr)
-            if owners is not None and key in owners:
-                owners.remove(key)
-                if not owners:
-                    del self._owners[addr]
-        for addr in new:
-            owners = self._owners.setdefault(addr, [])
-            if key not in owners:
-                owners.append(key)
+    def destination(self, key: bytes) -> Address | None:
+        """Where a meshguard datagram for member ``key`` goes: its direct or punched address,
+        or its virtual address when relayed (``wrap`` sends it through the relay); None while
+        no path is confirmed.
 
-    def redirect(self, addr: Address) -> Address:
-        """Where a datagram for ``addr`` should go: a member's confirmed path when ``addr``
-        is an advertised endpoint of exactly that one member, else ``addr`` itself.
-
-        SWIM addresses members by their advertised endpoints; behind a NAT that maps per
-        destination those reach nobody, while the punched address does. For a relayed
-        member the answer is its virtual address (``wrap`` sends it through the relay).
+        The node routes membership datagrams by member, not by the address SWIM chose: behind
+        NATs two members can advertise the same private address, and a member behind a NAT
+        that maps per destination is only reached at its punched address.
         """
-        owners = self._owners.get(addr)
-        if owners is None or len(owners) != 1:
-            return addr
-        path = self._paths[owners[0]]
-        if path.kind in (PathKind.DIRECT, PathKind.PUNCHED) and path.endpoint is not None:
+        path = self._paths.get(key)
+        if path is None:
+            return None
+        if path.kind in (PathKind.DIRECT, PathKind.PUNCHED):
             return path.endpoint
         if path.kind is PathKind.RELAYED and path.relay is not None:
-            return virtual_address(path.relay, path.key)
-        return addr
+            return virtual_address(path.relay, key)
+        return None
 
     def heard(self, sender: bytes, addr: Address) -> None:
         """An authenticated meshguard datagram from ``sender`` came from ``addr``."""
@@ -523,8 +505,8 @@ class Traversal:
 
     def relayed_messages(self) -> list[tuple[bytes, Message, Address]]:
         """Relayed membership messages: (origin, message, the origin's first advertised
-        endpoint, as the address to hand the membership machine; ``redirect`` maps it back
-        to the relay)."""
+        endpoint, as the address to hand the membership machine; the node sends replies by
+        member, so they go back through the relay)."""
         out, self._relayed_messages = self._relayed_messages, []
         return out
 
