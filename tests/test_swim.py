@@ -162,7 +162,8 @@ def test_a_crashed_member_is_suspected_then_declared_dead_after_the_suspicion_ti
     }
     died = {i: [t for t, e in cluster.events[i] if isinstance(e, MemberDead)] for i in (0, 1)}
     first = min((0, 1), key=lambda i: suspected[i][0])
-    assert died[first][0] - suspected[first][0] == pytest.approx(shortest)
+    last_chance = 2 * cluster.config.probe_timeout
+    assert died[first][0] - suspected[first][0] == pytest.approx(shortest + last_chance)
     assert all(len(died[i]) == 1 for i in (0, 1))
 
 
@@ -228,7 +229,8 @@ def time_to_death(confirmers: tuple[int, ...]) -> float:
     """Seconds from a suspicion of node 7 to its death, with these nodes confirming it.
 
     The probe period is so long that node 0's own probes decide nothing meanwhile; the
-    suspicion spans 4 s (shortest) to 24 s (longest) for these 8 members.
+    suspicion spans 4 s (shortest) to 24 s (longest) for these 8 members, and the
+    last-chance probe that node 7 does not answer adds 2 s (two probe timeouts).
     """
     slow = SwimConfig(protocol_period=100.0, probe_timeout=1.0, suspicion_min_multiplier=0.04)
     cluster = Cluster(8, config=slow)
@@ -244,7 +246,7 @@ def time_to_death(confirmers: tuple[int, ...]) -> float:
 
 
 def test_independent_confirmations_shorten_the_suspicion() -> None:
-    shortest, longest = 4.0, 24.0
+    shortest, longest = 4.0 + 2.0, 24.0 + 2.0
     alone = time_to_death(())
     one = time_to_death((2,))
     two = time_to_death((2, 3))
@@ -253,6 +255,91 @@ def test_independent_confirmations_shorten_the_suspicion() -> None:
     assert repeated == pytest.approx(longest)
     assert one == pytest.approx(longest - (longest - shortest) * math.log(2) / math.log(3))
     assert two == pytest.approx(shortest)
+
+
+def slow_pair_with_node_7_refuted() -> Cluster:
+    """Node 0 knows nodes 1..7 (at node 7's real address) and suspects node 7 at
+    incarnation 0 on node 1's word; node 7 runs at incarnation 1: its refutation missed node 0.
+    """
+    slow = SwimConfig(protocol_period=100.0, probe_timeout=1.0, suspicion_min_multiplier=0.04)
+    cluster = Cluster(8, config=slow)
+    cluster.start(0)
+    entries = tuple(
+        StateEntry(record_of(cluster.identities[i], 0, *cluster.addresses[i])) for i in range(1, 8)
+    )
+    sync = StateSync(1, 0, 1, False, entries)
+    cluster.inject(sealed(cluster.identities[1], cluster.keys[0], sync), ("10.9.9.9", 1), 0)
+    cluster.start(7, incarnation=1)
+    gossip(cluster, 1, 0, Suspect(cluster.keys[7], 0, cluster.keys[1]))
+    assert cluster.state(0, 7) is MemberState.SUSPECT
+    return cluster
+
+
+def test_a_live_member_whose_refutation_was_missed_answers_the_last_chance_probe() -> None:
+    cluster = slow_pair_with_node_7_refuted()
+    cluster.run_for(30)
+    assert cluster.node(0).counters["last_chance_probes"] == 1
+    assert not cluster.events_of(0, MemberDead)
+    assert cluster.state(0, 7) is MemberState.ALIVE
+    assert cluster.node(0).member(cluster.keys[7]).incarnation == 1  # type: ignore[union-attr]
+
+
+def test_a_member_that_misses_the_last_chance_probe_dies_two_probe_timeouts_later() -> None:
+    cluster = slow_pair_with_node_7_refuted()
+    start = cluster.now
+    cluster.crash(7)
+    cluster.run_for(30)
+    deaths = [t for t, e in cluster.events[0] if isinstance(e, MemberDead)]
+    assert deaths == [pytest.approx(start + 24.0 + 2.0)]
+
+
+def test_a_stale_death_about_ourselves_gossips_our_record_again() -> None:
+    cluster = converged_cluster(3)
+    old = cluster.node(1).incarnation
+    gossip(cluster, 2, 1, Suspect(cluster.keys[1], old, cluster.keys[2]))
+    cluster.run_for(30)
+    record = cluster.node(1).members()[0]
+    assert record.incarnation == old + 1
+    carried: list[Update] = []
+
+    def tap(sender: int, destination: tuple[str, int], datagram: bytes) -> None:
+        if sender == 1:
+            receiver = cluster.index_of[destination]
+            message = opened(cluster.identities[receiver], cluster.keys[1], datagram)
+            carried.extend(getattr(message, "updates", ()))
+
+    cluster.taps.append(tap)
+    gossip(cluster, 2, 1, Dead(cluster.keys[1], old, cluster.keys[2]))
+    cluster.run_for(2)
+    assert cluster.node(1).incarnation == old + 1
+    assert any(
+        isinstance(u, Alive) and u.record.public_key == cluster.keys[1] and u.record.incarnation
+        == old + 1 for u in carried
+    )
+
+
+def time_to_death_after_syncs(senders: tuple[int, ...]) -> float:
+    """Like ``time_to_death``, with node 1's suspicion of node 7 also in these nodes' full
+    states: holding a suspicion someone else raised is not an independent confirmation."""
+    slow = SwimConfig(protocol_period=100.0, probe_timeout=1.0, suspicion_min_multiplier=0.04)
+    cluster = Cluster(8, config=slow)
+    lone_node_knowing(cluster, range(1, 8))
+    start = cluster.now
+    accusation = Suspect(cluster.keys[7], 0, cluster.keys[1])
+    gossip(cluster, 1, 0, accusation)
+    for sender in senders:
+        entry = StateEntry(record_of(cluster.identities[7], 0), accusation)
+        sync = StateSync(sender, 0, 1, False, (entry,))
+        datagram = sealed(cluster.identities[sender], cluster.keys[0], sync)
+        cluster.inject(datagram, ("10.9.9.9", 1), 0)
+    cluster.run_for(30)
+    deaths = [t for t, e in cluster.events[0] if isinstance(e, MemberDead)]
+    assert len(deaths) == 1
+    return deaths[0] - start
+
+
+def test_a_suspicion_in_a_full_state_counts_its_accuser_not_the_sender() -> None:
+    assert time_to_death_after_syncs((2, 3)) == pytest.approx(24.0 + 2.0)
 
 
 def test_a_node_that_misses_acks_and_nacks_stretches_its_own_probe_period() -> None:

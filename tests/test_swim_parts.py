@@ -157,6 +157,17 @@ def test_queue_hands_out_least_sent_then_newest_first() -> None:
     assert queue.take(ACCUSATION_SIZE, 10, ACCUSATION_SIZE) == [suspect(3)]
 
 
+def test_queue_take_leaves_the_skipped_members_update_in_place() -> None:
+    queue = TransmitQueue()
+    for n in range(3):
+        queue.put(key(n), suspect(n), ACCUSATION_SIZE)
+    assert queue.take(2 * ACCUSATION_SIZE, 10, ACCUSATION_SIZE, key(2)) == [
+        suspect(1),
+        suspect(0),
+    ]
+    assert queue.take(ACCUSATION_SIZE, 10, ACCUSATION_SIZE) == [suspect(2)]
+
+
 def test_queue_drops_an_update_after_the_retransmit_limit() -> None:
     queue = TransmitQueue()
     queue.put(key(1), suspect(1), ACCUSATION_SIZE)

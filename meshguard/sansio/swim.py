@@ -136,6 +136,7 @@ COUNTERS = (
     "suspected",
     "declared_dead",
     "refuted",
+    "last_chance_probes",
     "reaped",
     "removed",
     "reconnect_attempts",
@@ -411,13 +412,18 @@ class _ProbePhase(enum.Enum):
 
 
 class _Probe:
-    """One probe this node runs: direct ping, then helpers, then counting late nacks."""
+    """One probe this node runs: direct ping, then helpers, then counting late nacks.
 
-    __slots__ = ("acked", "helpers", "nacks", "phase", "seq", "target")
+    A ``last_chance`` probe is the one run when a suspicion timer runs out: it decides
+    between declaring the member dead and restarting the timer.
+    """
 
-    def __init__(self, seq: int, target: bytes) -> None:
+    __slots__ = ("acked", "helpers", "last_chance", "nacks", "phase", "seq", "target")
+
+    def __init__(self, seq: int, target: bytes, *, last_chance: bool = False) -> None:
         self.seq = seq
         self.target = target
+        self.last_chance = last_chance
         self.phase = _ProbePhase.DIRECT
         self.acked = False
         self.helpers: tuple[bytes, ...] = ()
@@ -771,13 +777,18 @@ class Membership:
         )
         self.counters["datagram_sent"] += 1
 
-    def _piggyback(self, bare_size: int, first: tuple[Update, ...]) -> tuple[Update, ...]:
-        """``first`` then queued updates, all fitting in a datagram of MAX_DATAGRAM bytes."""
+    def _piggyback(
+        self, bare_size: int, first: tuple[Update, ...], *, skip: bytes | None = None
+    ) -> tuple[Update, ...]:
+        """``first`` then queued updates, all fitting in a datagram of MAX_DATAGRAM bytes.
+
+        ``skip``: a member whose queued update is not taken (``first`` already says it).
+        """
         room = MAX_DATAGRAM - bare_size - sum(update_size(u) for u in first)
         if not len(self._queue):
             return first
         limit = self._config.retransmit_limit(self._live_count)
-        return first + tuple(self._queue.take(room, limit, ACCUSATION_SIZE))
+        return first + tuple(self._queue.take(room, limit, ACCUSATION_SIZE, skip))
 
     def _accusation_for(self, peer: bytes) -> tuple[Update, ...]:
         """Lifeguard: tell a member we suspect (or hold dead) so at the first chance."""
@@ -1045,8 +1056,15 @@ class Membership:
                 )
         self._enqueue(member.public_key, Alive(record))
 
-    def _accused(self, member_key: bytes, incarnation: int, accuser: bytes) -> _Member | None:
-        """The member an accusation is about, if it may be believed at all."""
+    def _accused(
+        self, member_key: bytes, incarnation: int, accuser: bytes, *, dead: bool = False
+    ) -> _Member | None:
+        """The member an accusation is about, if it may be believed at all.
+
+        An accusation about ourselves is refuted; a stale ``Dead`` (older than our record)
+        means some members hold us dead after our refutation passed them by, so our record
+        is gossiped again.
+        """
         if accuser not in self._trusted and accuser != self._public_key:
             self.counters["forged_claim"] += 1
             return None
@@ -1058,8 +1076,11 @@ class Membership:
                 self.counters["untrusted_member"] += 1
             return None
         if member_key == self._public_key:
-            if incarnation >= self._incarnation and self._status is RecordStatus.ALIVE:
-                self._refute(incarnation)
+            if self._status is RecordStatus.ALIVE:
+                if incarnation >= self._incarnation:
+                    self._refute(incarnation)
+                elif dead and member_key not in self._queue:
+                    self._enqueue(member_key, Alive(self._members[member_key].record))
             return None
         if incarnation < member.incarnation:
             return None
@@ -1082,7 +1103,7 @@ class Membership:
         self._enqueue(member_key, Suspect(member_key, incarnation, accuser))
 
     def _on_dead(self, member_key: bytes, incarnation: int, accuser: bytes) -> None:
-        member = self._accused(member_key, incarnation, accuser)
+        member = self._accused(member_key, incarnation, accuser, dead=True)
         if member is None or member.state in _GONE:
             return
         self._set_state(member, MemberState.DEAD, incarnation, accuser)
@@ -1098,7 +1119,16 @@ class Membership:
         if ping.target != self._public_key:
             self.counters["wrong_target"] += 1
             return
-        updates = self._piggyback(encoded_size(Ack(ping.seq)), self._accusation_for(sender))
+        first = self._accusation_for(sender)
+        own = self._public_key
+        answer_accusation = self._status is RecordStatus.ALIVE and any(
+            not isinstance(update, Alive) and update.member == own for update in ping.updates
+        )
+        if answer_accusation:
+            first += (Alive(self._members[own].record),)
+        updates = self._piggyback(
+            encoded_size(Ack(ping.seq)), first, skip=own if answer_accusation else None
+        )
         self._send(sender, Ack(ping.seq, updates), addr)
         self.counters["ack_sent"] += 1
 
@@ -1192,7 +1222,7 @@ class Membership:
                 continue
             self._on_record(record)
             if accusation is not None:
-                self._on_suspect(accusation.member, accusation.incarnation, sender)
+                self._on_suspect(accusation.member, accusation.incarnation, accusation.accuser)
         if sync.want_reply:
             last = self._sync_replies.get(sender)
             if last is None or (
@@ -1214,9 +1244,14 @@ class Membership:
             assert isinstance(ref, bytes)
             member = self._members.get(ref)
             suspicion = None if member is None else member.suspicion
-            if member is not None and suspicion is not None and suspicion.deadline <= self._now:
-                self._set_state(member, MemberState.DEAD, member.incarnation, self._public_key)
-                self._enqueue(ref, Dead(ref, member.incarnation, self._public_key))
+            if (
+                member is not None
+                and suspicion is not None
+                and suspicion.deadline <= self._now
+                and not suspicion.last_chance_probe
+                and not self._start_last_chance_probe(member, suspicion)
+            ):
+                self._declare_dead(member)
         elif kind is _Timer.REAP:
             assert isinstance(ref, bytes)
             member = self._members.get(ref)
@@ -1284,17 +1319,51 @@ class Membership:
         if addr is None:
             self.counters["no_address"] += 1
             return
+        self._launch_probe(member.public_key, addr, last_chance=False)
+
+    def _launch_probe(self, target: bytes, addr: Address, *, last_chance: bool) -> int:
         seq = self._next_seq()
-        probe = _Probe(seq, member.public_key)
-        self._probes[seq] = probe
-        self._send_ping(member.public_key, seq, addr)
+        self._probes[seq] = _Probe(seq, target, last_chance=last_chance)
+        self._send_ping(target, seq, addr)
         now = self._now
         self._schedule(
             now + self._awareness.scale(self._config.probe_timeout), _Timer.PROBE_TIMEOUT, seq
         )
-        self._schedule(
-            now + self._awareness.scale(self._config.protocol_period), _Timer.PROBE_END, seq
-        )
+        period = 2 * self._config.probe_timeout if last_chance else self._config.protocol_period
+        self._schedule(now + self._awareness.scale(period), _Timer.PROBE_END, seq)
+        return seq
+
+    def _start_last_chance_probe(self, member: _Member, suspicion: Suspicion) -> bool:
+        """Probe a member whose suspicion ran out before declaring it dead; False if we cannot.
+
+        Gossip reaches each member a random number of times, so at high loss a few members
+        miss a refutation entirely and would declare a live member dead. The ping carries
+        the accusation and the member answers it with its newest record; a member that is
+        gone answers nothing, directly or through helpers, and dies two probe timeouts later
+        (the direct wait, then as long again for the helpers).
+        """
+        addr = member.target_address()
+        if addr is None or self._status is not RecordStatus.ALIVE:
+            return False
+        self.counters["last_chance_probes"] += 1
+        suspicion.last_chance_probe = self._launch_probe(member.public_key, addr, last_chance=True)
+        return True
+
+    def _end_last_chance_probe(self, probe: _Probe, member: _Member | None) -> None:
+        """Restart the suspicion of a member that answered, declare one that did not dead."""
+        suspicion = None if member is None else member.suspicion
+        if member is None or suspicion is None or suspicion.last_chance_probe != probe.seq:
+            return
+        if probe.acked:
+            suspicion.restart(self._now)
+            self._schedule(suspicion.deadline, _Timer.SUSPICION, member.public_key)
+        else:
+            self._declare_dead(member)
+
+    def _declare_dead(self, member: _Member) -> None:
+        key = member.public_key
+        self._set_state(member, MemberState.DEAD, member.incarnation, self._public_key)
+        self._enqueue(key, Dead(key, member.incarnation, self._public_key))
 
     def _advance_probe(self, probe: _Probe, kind: _Timer) -> None:
         member = self._members.get(probe.target)
@@ -1326,14 +1395,20 @@ class Membership:
                 return
             probe.phase = _ProbePhase.SETTLING
             self._schedule(self._now + self._config.probe_timeout, _Timer.PROBE_SETTLE, probe.seq)
-            if probe.acked:
-                return
-            self.counters["probe_failed"] += 1
-            if member is not None:
-                member.address = None
-                member.endpoint_index += 1
-                if member.state in _LIVE and self._status is RecordStatus.ALIVE:
-                    self._on_suspect(probe.target, member.incarnation, self._public_key)
+            if not probe.acked:
+                self.counters["probe_failed"] += 1
+                if member is not None:
+                    member.address = None
+                    member.endpoint_index += 1
+            if probe.last_chance:
+                self._end_last_chance_probe(probe, member)
+            elif (
+                not probe.acked
+                and member is not None
+                and member.state in _LIVE
+                and self._status is RecordStatus.ALIVE
+            ):
+                self._on_suspect(probe.target, member.incarnation, self._public_key)
         else:
             del self._probes[probe.seq]
             if probe.acked:

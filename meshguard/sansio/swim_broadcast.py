@@ -53,11 +53,14 @@ class TransmitQueue:
             if not bucket:
                 del self._buckets[sent]
 
-    def take(self, room: int, limit: int, smallest: int) -> list[Update]:
+    def take(
+        self, room: int, limit: int, smallest: int, skip: bytes | None = None
+    ) -> list[Update]:
         """Updates totalling at most ``room`` bytes, least sent and newest first.
 
         Each one handed out counts as one transmission; after ``limit`` it leaves the queue.
         ``smallest`` is the size of the smallest possible update: below it, stop looking.
+        The update about ``skip`` is left where it is.
         """
         taken: list[Update] = []
         if room < smallest:
@@ -68,6 +71,8 @@ class TransmitQueue:
         for sent in sorted(buckets):
             bucket = buckets[sent]
             for member in reversed(bucket):
+                if member == skip:
+                    continue
                 entry = bucket[member]
                 size = entry[1]
                 if size <= room:

@@ -44,9 +44,21 @@ def suspicion_timeout(confirmations: int, wanted: int, shortest: float, longest:
 
 
 class Suspicion:
-    """The timer of one suspected member and who has independently accused it."""
+    """The timer of one suspected member and who has independently accused it.
 
-    __slots__ = ("accusers", "confirmations", "longest", "shortest", "start", "wanted")
+    ``last_chance_probe`` is the seq of the probe sent when the timer ran out (0: none in
+    flight): while it runs the member is not declared dead, and its outcome decides.
+    """
+
+    __slots__ = (
+        "accusers",
+        "confirmations",
+        "last_chance_probe",
+        "longest",
+        "shortest",
+        "start",
+        "wanted",
+    )
 
     def __init__(
         self, accuser: bytes, start: float, shortest: float, longest: float, wanted: int
@@ -57,12 +69,18 @@ class Suspicion:
         self.wanted = wanted
         self.confirmations = 0
         self.accusers: dict[bytes, None] = {accuser: None}
+        self.last_chance_probe = 0
 
     @property
     def deadline(self) -> float:
         """When the member is declared dead unless it refutes first."""
         timeout = suspicion_timeout(self.confirmations, self.wanted, self.shortest, self.longest)
         return self.start + timeout
+
+    def restart(self, now: float) -> None:
+        """Start the timer again from ``now`` (the member answered the last-chance probe)."""
+        self.start = now
+        self.last_chance_probe = 0
 
     def confirm(self, accuser: bytes) -> bool:
         """Count an accusation by ``accuser``; True if it is new information worth gossiping.
