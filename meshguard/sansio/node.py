@@ -394,21 +394,42 @@ class Node:
     # -- output ------------------------------------------------------------------------
 
     def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        """Every datagram to send, TTL-limited ones first as ordinary datagrams (for a
+        driver that cannot set the IP TTL; see ``split_datagrams_to_send``)."""
+        out, limited = self.split_datagrams_to_send()
+        if not limited:
+            return out
+        return [*((data, addr) for data, addr, _ in limited), *out]
+
+    def split_datagrams_to_send(
+        self,
+    ) -> tuple[list[tuple[bytes, Address]], list[tuple[bytes, Address, int]]]:
+        """Drain the datagrams to send: (ordinary ones, TTL-limited ones with their IP TTL).
+
+        Send the TTL-limited ones first, with that TTL (IPv6 hop limit): they open our own
+        NAT toward members whose NAT has not opened toward us (``Traversal.opening_ttl``).
+        """
+        limited = self.traversal.limited_datagrams_to_send()
         out = self._outbox
         self._outbox = []
         out.extend(self.stun_client.datagrams_to_send())
         if self._prober is not None:
             out.extend(self._prober.datagrams_to_send())
         out.extend(self.traversal.datagrams_to_send())
-        routed = [
-            (data, self._membership_destination(key, addr))
-            for data, addr, key in self.membership.datagrams_to_members()
-        ]
+        routed = []
+        opening_ttl = self.traversal.opening_ttl
+        for data, addr, key in self.membership.datagrams_to_members():
+            destination = self._membership_destination(key, addr)
+            ttl = opening_ttl(key, destination)
+            if ttl is None:
+                routed.append((data, destination))
+            else:
+                limited.append((data, destination, ttl))
         from_device = self.device.datagrams_to_send()
         if not self.traversal.has_virtual():
             out.extend(routed)
             out.extend(from_device)
-            return out
+            return out, limited
         wrap = self.traversal.wrap
         for data, addr in (*routed, *from_device):
             if addr[1] != 0:
@@ -417,7 +438,7 @@ class Node:
             wrapped = wrap(data, addr)
             if wrapped is not None:
                 out.append(wrapped)
-        return out
+        return out, limited
 
     def _membership_destination(self, key: bytes, addr: Address) -> Address:
         """Where a membership datagram sealed for member ``key`` goes: along the member's

@@ -92,6 +92,7 @@ COUNTERS = (
     "punch_refused",
     "punch_early",
     "punch_early_dropped",
+    "opening_probes_sent",
     "rendezvous_full",
     "keepalives_sent",
     "paths_lost",
@@ -171,6 +172,16 @@ class TraversalConfig:
     unsolicited probe reached our NAT first, our outbound flow's tuple clashes with it; old
     Linux kernels then took the next free port (+1), current ones a random port, which only
     a relay gets past (a NAT that drops unsolicited input avoids the clash altogether)."""
+    opening_ttl: int = 2
+    """IP TTL (IPv6 hop limit) of opening probes, 0 to send none. A probe to a member behind
+    a NAT that has not opened toward us yet goes out with this TTL: it opens our own NAT (the
+    first hop) and dies at the next router, before the member's NAT. A full-TTL probe there
+    would leave a conntrack entry on that NAT (Linux masquerade without an input firewall),
+    and the member's own flow to us would then leave from a random port."""
+    opening_wait: float = 1.0
+    """The target of a punch sends opening probes only, until it hears the initiator's first
+    probe or this many seconds pass (then full-TTL probes, for a NAT the small TTL does not
+    reach); the initiator probes at full TTL as soon as the target's answer arrives."""
     keepalive_interval: float = 25.0
     """Probe period on confirmed paths through a NAT (below common 30 s UDP timeouts)."""
     keepalive_misses: int = 3
@@ -198,6 +209,8 @@ class TraversalConfig:
             raise LocalProtocolError("spray counts ≥ 0 and keepalive_misses ≥ 1")
         if self.keepalive_interval <= 0 or not 0 < self.retry_min <= self.retry_max:
             raise LocalProtocolError("keepalive and retry intervals must be positive")
+        if not 0 <= self.opening_ttl <= 255 or self.opening_wait < 0:
+            raise LocalProtocolError("opening_ttl is 0..255 and opening_wait ≥ 0")
         if self.relay_rate <= 0 or self.relay_burst < 1:
             raise LocalProtocolError("relay rate must be positive and burst at least 1")
 
@@ -235,6 +248,10 @@ class _Session:
     started: float = 0.0
     pending: dict[int, tuple[float, Address]] = field(default_factory=dict)
     scheduled: float = _INF
+    open_at: float = _INF
+    """From then on every target gets full-TTL probes (before: only those known open)."""
+    full: list[Address] = field(default_factory=list)
+    """Targets that got a full-TTL probe."""
 
 
 @dataclass(slots=True)
@@ -336,6 +353,7 @@ class Traversal:
         self._timers: list[tuple[float, int, bytes | int]] = []
         self._timer_order = 0
         self._outbox: list[tuple[bytes, Address]] = []
+        self._limited: list[tuple[bytes, Address, int]] = []
         self._endpoint_changes: list[tuple[bytes, Address]] = []
         self._deliveries: list[tuple[bytes, Address]] = []
         self._relayed_messages: list[tuple[bytes, Message, Address]] = []
@@ -437,6 +455,35 @@ class Traversal:
         """An authenticated meshguard datagram from ``sender`` came from ``addr``."""
         self._heard[sender] = addr
 
+    def opening_ttl(self, key: bytes, addr: Address) -> int | None:
+        """The IP TTL for a datagram to member ``key`` at ``addr``: ``opening_ttl`` while no
+        path is confirmed and the member may sit behind a NAT that has not opened toward us
+        (we have not heard it from ``addr``); None (full TTL) otherwise, and for non-members.
+
+        A full-TTL datagram that reaches such a NAT first leaves a conntrack entry there;
+        the member's own flow to us then clashes with it and leaves from a random port.
+        """
+        path = self._paths.get(key)
+        if (
+            path is None
+            or path.kind in (PathKind.DIRECT, PathKind.PUNCHED, PathKind.RELAYED)
+            or not self._config.opening_ttl
+        ):
+            return None
+        if self._open_toward(path, addr):
+            return None
+        return self._config.opening_ttl
+
+    def _open_toward(self, path: _Path, addr: Address) -> bool:
+        """Whether a datagram to ``addr`` can pass the member's NAT without leaving a
+        conntrack entry there: it has none, lets everything in, or sent to us from there."""
+        nat = path.nat
+        return (
+            nat.mapping is NatMapping.NONE
+            or nat.filtering is NatFiltering.ENDPOINT_INDEPENDENT
+            or self._heard.get(path.key) == addr
+        )
+
     def on_peer_unreachable(self, key: bytes, now: float) -> None:
         """WireGuard gave up handshaking on the current path: look for another one."""
         path = self._paths.get(key)
@@ -491,6 +538,12 @@ class Traversal:
 
     def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
         out, self._outbox = self._outbox, []
+        return out
+
+    def limited_datagrams_to_send(self) -> list[tuple[bytes, Address, int]]:
+        """Opening probes: (datagram, address, IP TTL). Send them before ``datagrams_to_send``
+        with that TTL (hop limit); a driver that cannot may send them as ordinary datagrams."""
+        out, self._limited = self._limited, []
         return out
 
     def endpoint_changes(self) -> list[tuple[bytes, Address]]:
@@ -920,9 +973,23 @@ class Traversal:
             session.expires = now + 2 * self._config.probe_interval
 
     def _probe(self, session: _Session, addr: Address, now: float) -> None:
+        """One probe: full TTL when the peer's NAT is open toward ``addr`` (or the session
+        says all are), else an opening probe that only opens our own NAT."""
         seq = self._rng.getrandbits(64)
         session.pending[seq] = (now, addr)
-        self._send(session.peer, PunchProbe(session.session_id, seq, False), addr)
+        path = self._paths.get(session.peer)
+        ttl = None
+        if (
+            self._config.opening_ttl
+            and session.open_at > now
+            and path is not None
+            and not self._open_toward(path, addr)
+        ):
+            ttl = self._config.opening_ttl
+            self.counters["opening_probes_sent"] += 1
+        else:
+            session.full.append(addr)
+        self._send(session.peer, PunchProbe(session.session_id, seq, False), addr, ttl)
         self.counters["probes_sent"] += 1
 
     def _session_failed(self, session: _Session, now: float) -> None:
@@ -967,17 +1034,27 @@ class Traversal:
 
     # ------------------------------------------------------------------ messages
 
-    def _send(self, peer: bytes, message: Message, addr: Address) -> None:
+    def _send(self, peer: bytes, message: Message, addr: Address, ttl: int | None = None) -> None:
         datagram = self._seal(peer, message)
-        if datagram is not None:
+        if datagram is None:
+            return
+        if ttl is None:
             self._outbox.append((datagram, addr))
+        else:
+            self._limited.append((datagram, addr, ttl))
 
     def _on_probe(self, sender: bytes, probe: PunchProbe, addr: Address, now: float) -> None:
         """Answer the probes of members that are peers, nobody else's: a member we hold
-        dead must not keep its path to us looking alive."""
+        dead must not keep its path to us looking alive. A probe from a key we do not know
+        yet means it is looking for us: we punch toward it once it becomes a member.
+
+        A probe shows the sender's NAT is open toward us from ``addr``: a session toward
+        it probes there at full TTL at once."""
         path = self._paths.get(sender)
         if path is None:
             self.counters["probe_unexpected"] += 1
+            if not probe.reply and sender != self._own:
+                self._remember_early_initiator(sender, now)
             return
         if not probe.reply:
             self._send(sender, PunchProbe(probe.session, probe.seq, True), addr)
@@ -988,6 +1065,7 @@ class Traversal:
                     probing = True
                     if addr not in session.targets:
                         session.targets.append(addr)
+                    if addr not in session.full:
                         self._probe(session, addr, now)
             if not probing and path.kind not in (PathKind.DIRECT, PathKind.PUNCHED):
                 self._check_reflexive(path, addr, now)
@@ -1021,7 +1099,13 @@ class Traversal:
             )
             self._send(sender, response, addr)
             session = _Session(
-                request.session, request.initiator, _Purpose.PUNCH, [], started=now, expires=now
+                request.session,
+                request.initiator,
+                _Purpose.PUNCH,
+                [],
+                started=now,
+                expires=now,
+                open_at=now + self._config.opening_wait,
             )
             self._sessions[request.session] = session
             self._start_probing(session, request.candidates, now)
@@ -1079,6 +1163,7 @@ class Traversal:
             ):
                 self.counters["punch_unexpected"] += 1
                 return
+            session.open_at = now
             self._start_probing(session, response.candidates, now)
             return
         entry = self._rendezvous.get(response.session)
