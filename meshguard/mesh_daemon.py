@@ -245,6 +245,7 @@ class MeshCore:
         self.receive_datagrams = node.receive_datagrams
         self.send_packets = node.send_packets
         self.datagrams_to_send = node.datagrams_to_send
+        self.split_datagrams_to_send = node.split_datagrams_to_send
         self.events = node.events
         self._housekeeping = housekeeping
         self._housekeeping_at = now

@@ -68,14 +68,17 @@ class NatBox:
 
     Filtering is port-restricted either way: an inbound datagram passes only if the mapping
     sent to exactly that address and port within ``timeout``. ``conntrack_clash`` models
-    Linux: a dropped unsolicited datagram leaves a conntrack entry, and a later outbound flow
-    whose reply tuple would equal it gets a fresh port instead of the usual mapping.
+    Linux masquerade without an input firewall: an unsolicited datagram leaves a conntrack
+    entry, and a later outbound flow whose reply tuple would equal it gets another port
+    instead of the usual mapping: the next one (old kernels), or with ``clash_random`` a
+    random one (kernel 6.x).
     """
 
     public_ip: str
     symmetric: bool = False
     random_ports: bool = False
     conntrack_clash: bool = False
+    clash_random: bool = False
     timeout: float = 30.0
     next_port: int = 40000
     rng: random.Random = field(default_factory=lambda: random.Random(5))
@@ -91,7 +94,7 @@ class NatBox:
             key = (inside, destination)
             port = self.mappings.get(key)
         if port is None:
-            if self.random_ports:
+            if self.random_ports or (self.clash_random and key[1] is not None):
                 port = self.rng.randrange(1024, 65536)
                 while port in self.inside_of:
                     port = self.rng.randrange(1024, 65536)
@@ -130,6 +133,7 @@ class Net:
         self.events: list[list[object]] = []
         self.received: list[list[bytes]] = []
         self.sent_by: list[list[tuple[bytes, Address]]] = []
+        self.limited_by: list[list[tuple[bytes, Address]]] = []
         self.blocked: set[frozenset[str]] = set()
         self.in_flight: list[tuple[float, int, bytes, Address, Address]] = []
         self.order = 0
@@ -178,12 +182,23 @@ class Net:
             self.events.append([])
             self.received.append([])
             self.sent_by.append([])
+            self.limited_by.append([])
         for i in range(len(nats)):
             self.flush(i)
 
     def flush(self, index: int) -> None:
+        """Send what node ``index`` produced. A TTL-limited datagram passes the node's own
+        NAT box (opening its mapping) and dies at the next hop: every path here has a router
+        between two NAT boxes and between a NAT box and a public node."""
         node = self.nodes[index]
-        for data, destination in node.datagrams_to_send():
+        ordinary, limited = node.split_datagrams_to_send()
+        for data, destination, ttl in limited:
+            assert 1 <= ttl < 255 and not is_virtual(destination)
+            self.limited_by[index].append((data, destination))
+            box = self.box_of[index]
+            if box is not None:
+                box.outbound(self.where[index], destination, self.now)
+        for data, destination in ordinary:
             assert not is_virtual(destination), "a virtual address reached the network"
             self.sent_by[index].append((data, destination))
             source = self.where[index]
@@ -718,21 +733,90 @@ def test_endpoint_update_about_someone_else_is_refused() -> None:
     assert seen is not None and seen.endpoints == (Endpoint(*net.where[2]),)
 
 
-def test_linux_conntrack_clash_is_punched_through_with_a_few_extra_ports() -> None:
-    net = TimedNet(
+def _bare_masquerade_net(traversal: TraversalConfig | None = None) -> TimedNet:
+    """A public node and two behind Linux masquerade without a firewall (kernel 6.x)."""
+    return TimedNet(
         [
             None,
-            NatBox("203.0.113.2", conntrack_clash=True),
-            NatBox("203.0.113.3", conntrack_clash=True),
-        ]
+            NatBox("203.0.113.2", conntrack_clash=True, clash_random=True),
+            NatBox("203.0.113.3", conntrack_clash=True, clash_random=True),
+        ],
+        traversal=traversal,
     )
+
+
+def test_bare_masquerade_nats_are_punched_because_no_full_ttl_datagram_arrives_unasked() -> None:
+    """Opening probes (and membership datagrams) to the other NATed member carry a small
+    TTL until its NAT has opened toward us, so neither NAT ever sees an unsolicited datagram
+    from the other: no conntrack clash, and the pair is punched, not relayed."""
+    net = _bare_masquerade_net()
     net.join_all()
-    net.run_until(20.0)
+    net.run_until(15.0)
     boxes = [box for box in net.box_of if box is not None]
-    assert any(box.unsolicited for box in boxes), "the race the test is about did not happen"
+    assert all(not box.unsolicited for box in boxes), [box.unsolicited for box in boxes]
     assert net.path(1, 2) is PathKind.PUNCHED and net.path(2, 1) is PathKind.PUNCHED
     assert net.exchange(1, 2, b"clash")
     assert counter(net, 0, "relay_forwarded") == 0
+    assert counter(net, 1, "opening_probes_sent") + counter(net, 2, "opening_probes_sent") > 0
+    assert net.limited_by[1] or net.limited_by[2]
+    assert all(dest != net.where[0] for i in (1, 2) for _, dest in net.limited_by[i])
+    punched = max(net.first_change(a, b, PathKind.PUNCHED) or 99.0 for a, b in ((1, 2), (2, 1)))
+    assert punched < 10.0
+
+
+def test_without_opening_probes_a_conntrack_clash_leaves_only_the_relay() -> None:
+    """The same network with ``opening_ttl=0``: whichever datagram arrives first makes the
+    other NAT give its own flow a random port, and the pair ends relayed."""
+    net = _bare_masquerade_net(TraversalConfig(opening_ttl=0))
+    net.join_all()
+    net.run_until(15.0)
+    boxes = [box for box in net.box_of if box is not None]
+    assert any(box.unsolicited for box in boxes), "the race the test is about did not happen"
+    assert all(not limited for limited in net.limited_by)
+    assert net.path(1, 2) is PathKind.RELAYED and net.path(2, 1) is PathKind.RELAYED
+    assert net.exchange(1, 2, b"relayed")
+
+
+def test_the_punch_target_opens_its_nat_and_waits_for_the_initiator() -> None:
+    """The target of a punch sends only TTL-limited probes to the initiator until
+    ``opening_wait`` has passed when nothing arrives from it (here the two NATs cannot
+    reach each other at all), then full-TTL probes."""
+    config = TraversalConfig(opening_wait=1.5)
+    net = _bare_masquerade_net(config)
+    net.blocked.add(frozenset(("203.0.113.2", "203.0.113.3")))
+    target = 1 if net.keys[1] > net.keys[2] else 2
+    net.join_all()
+    samples: list[tuple[float, int, int]] = []
+    while net.now < 12.0:
+        net.run_until(net.now + 0.05)
+        opening = counter(net, target, "opening_probes_sent")
+        samples.append((net.now, opening, counter(net, target, "probes_sent") - opening))
+    started = net.nodes[target].traversal.counters["punch_started"]
+    assert started >= 1
+    asked = next(at for at, opening, _ in samples if opening > samples[0][1])
+    full_before = next(full for at, _, full in samples if at >= asked - 0.01)
+    during = [full for at, _, full in samples if asked <= at < asked + config.opening_wait - 0.1]
+    assert during and all(full == full_before for full in during), "full probes came too soon"
+    after = [full for at, _, full in samples if at >= asked + config.opening_wait + 0.1]
+    assert after and after[0] > full_before, "no full-TTL probes after opening_wait"
+
+
+def test_a_member_we_have_not_heard_from_gets_membership_datagrams_with_a_small_ttl() -> None:
+    """Until a NATed member has sent us something from an address, SWIM's datagrams to it
+    there are TTL-limited too; once it did (or a path is confirmed) they go at full TTL."""
+    net = _bare_masquerade_net()
+    net.join_all()
+    net.run_until(1.0)
+    traversal = net.nodes[1].traversal
+    peer = net.keys[2]
+    assert peer in traversal.paths()
+    address = (net.box_of[2].public_ip, PORT) if net.box_of[2] else net.where[2]
+    if traversal.paths()[peer].kind is PathKind.CONNECTING:
+        assert traversal.opening_ttl(peer, ("203.0.113.99", 4000)) == 2
+    traversal.heard(peer, address)
+    assert traversal.opening_ttl(peer, address) is None
+    assert traversal.opening_ttl(net.keys[0], net.where[0]) is None
+    assert traversal.opening_ttl(b"\x07" * 32, address) is None
 
 
 def test_a_punch_that_came_too_early_is_answered_once_the_initiator_is_known() -> None:

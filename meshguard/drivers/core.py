@@ -7,7 +7,7 @@ have it; the event loop knows nothing else about what it drives.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from meshguard.sansio.types import Address
 
@@ -33,3 +33,14 @@ class Core(Protocol):
 
     def on_timer(self, now: float) -> None:
         """Run whatever is due at ``now``."""
+
+
+@runtime_checkable
+class SplitCore(Core, Protocol):
+    """A core that also hands out datagrams to send with a small IP TTL (opening probes)."""
+
+    def split_datagrams_to_send(
+        self,
+    ) -> tuple[list[tuple[bytes, Address]], list[tuple[bytes, Address, int]]]:
+        """Drain (ordinary datagrams, TTL-limited ones with their TTL); the TTL-limited ones
+        are sent first."""

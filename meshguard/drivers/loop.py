@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from meshguard.drivers import offload
-from meshguard.drivers.core import Core
+from meshguard.drivers.core import Core, SplitCore
 from meshguard.drivers.tun import MAX_READ, TunDevice
 from meshguard.drivers.udp import UdpSocket
 
@@ -60,6 +60,8 @@ class DataPlane:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.core = core
+        self.split: SplitCore | None = core if isinstance(core, SplitCore) else None
+        """The core again when it hands out TTL-limited datagrams (sent with their TTL)."""
         self.tun = tun
         self.udp = udp
         self.mtu = mtu
@@ -161,7 +163,12 @@ class DataPlane:
 
     def _flush(self) -> None:
         core = self.core
-        datagrams = core.datagrams_to_send()
+        if self.split is None:
+            datagrams = core.datagrams_to_send()
+        else:
+            datagrams, limited = self.split.split_datagrams_to_send()
+            if limited:
+                self.udp.send_limited(limited)
         if datagrams:
             self.udp.send(datagrams)
         packets = core.tun_packets()

@@ -14,6 +14,12 @@ the failed run is sent again one datagram per call.
 
 The socket is dual-stack (IPv6 with IPv4-mapped addresses); addresses are converted at the
 edge so the core only ever sees ``("192.0.2.1", 51820)`` or ``("2001:db8::1", 51820)``.
+
+``send_limited`` gives single datagrams their own IP TTL (IPv6 hop limit) as ancillary data
+of their ``sendmsg`` (``IP_TTL`` at ``SOL_IP`` for IPv4, also to IPv4-mapped addresses on the
+dual-stack socket, which the kernel hands to its IPv4 path; ``IPV6_HOPLIMIT`` at
+``SOL_IPV6`` for IPv6): the socket's own TTL never changes, so nothing else sent meanwhile
+is affected.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ RECV_BYTES = 65535
 _CMSG_SPACE = socket.CMSG_SPACE(4)
 _GRO_CMSG = struct.Struct("=i")
 _SEGMENT = struct.Struct("=H")
+_TTL = struct.Struct("=i")
 
 _FALLBACK_ERRNOS = {errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 
@@ -166,6 +173,19 @@ class UdpSocket:
             else:
                 for data in queue:
                     self._send_one(data, raw)
+
+    def send_limited(self, datagrams: Iterable[tuple[bytes, Address, int]]) -> None:
+        """Send each datagram with its own IP TTL / IPv6 hop limit (1..255)."""
+        sendmsg = self.sock.sendmsg
+        for data, address, ttl in datagrams:
+            if ":" in address[0]:
+                control = (socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT, _TTL.pack(ttl))
+            else:
+                control = (socket.IPPROTO_IP, socket.IP_TTL, _TTL.pack(ttl))
+            try:
+                sendmsg([data], [control], 0, self._kernel_address(address))
+            except OSError:
+                self.send_errors += 1
 
     def _send_one(self, data: bytes, raw: tuple[str, int]) -> None:
         try:

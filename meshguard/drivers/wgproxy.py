@@ -131,8 +131,10 @@ class _Core(Protocol):
     def receive_datagrams(self, datagrams: Sequence[bytes], addr: Address, now: float) -> None:
         """Datagrams that arrived on the mesh port from one address."""
 
-    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
-        """Datagrams for the mesh port."""
+    def split_datagrams_to_send(
+        self,
+    ) -> tuple[list[tuple[bytes, Address]], list[tuple[bytes, Address, int]]]:
+        """Datagrams for the mesh port: (ordinary, TTL-limited with their TTL)."""
 
     def events(self) -> Sequence[object]:
         """What happened."""
@@ -273,7 +275,9 @@ class ProxyPlane:
             self.counters.to_mesh += len(received)
 
     def _flush(self) -> None:
-        datagrams = self.core.datagrams_to_send()
+        datagrams, limited = self.core.split_datagrams_to_send()
+        if limited:
+            self.udp.send_limited(limited)
         if datagrams:
             self.udp.send(datagrams)
         events = self.core.events()
