@@ -17,11 +17,14 @@ import struct
 from meshguard.identity.keys import Identity
 from meshguard.identity.meshaddr import mesh_ipv4, mesh_ipv6
 from meshguard.sansio import stun
-from meshguard.sansio.messages import Endpoint
+from meshguard.sansio.messages import Endpoint, NatFiltering, NatInfo, NatMapping
 from meshguard.sansio.node import Node, NodeConfig, PeerAdded, PeerRemoved
+from meshguard.sansio.swim import MemberDead, MemberState, MemberSuspected
 from meshguard.sansio.swim_config import SwimConfig
 from meshguard.sansio.traversal import PathKind
 from meshguard.sansio.types import Address
+from sim.nat import NAT_TYPES, Nat
+from sim.network import Packet
 
 PORT = 51821
 
@@ -303,3 +306,161 @@ def test_a_node_that_is_its_own_stun_server_learns_its_address() -> None:
                 node.receive_datagram(data, own, now)
         mapped.extend(e for e in node.events() if isinstance(e, stun.MappedAddress))
     assert [(event.server, event.mapped) for event in mapped][:1] == [(own, own)]
+
+
+LAN_HOST = "192.168.1.2"
+"""Every site's LAN uses the same private address, as home routers do."""
+
+
+PUBLIC = NatInfo(NatMapping.NONE, NatFiltering.ENDPOINT_INDEPENDENT)
+SYMMETRIC = NatInfo(
+    NatMapping.ADDRESS_AND_PORT_DEPENDENT, NatFiltering.ADDRESS_AND_PORT_DEPENDENT
+)
+
+
+class SiteMesh:
+    """Nodes on public addresses, and one node per site behind that site's simulated NAT
+    (``sim.nat.Nat``); every site's node has the same private address ``LAN_HOST``.
+
+    The NATed nodes are told their NAT facts, so they do not ask for their public mapping
+    by STUN and advertise only ``LAN_HOST``.
+    """
+
+    def __init__(self, public: int, sites: list[str], *, latency: float = 0.01) -> None:
+        self.now = 0.0
+        self.latency = latency
+        self.public: list[Address] = [(f"198.51.100.{i + 1}", PORT) for i in range(public)]
+        self.nats = [
+            Nat(f"nat{i}", f"203.0.113.{i + 1}", NAT_TYPES[kind], random.Random(i))
+            for i, kind in enumerate(sites)
+        ]
+        for nat in self.nats:
+            nat.add_inside(LAN_HOST)
+        size = public + len(sites)
+        self.site_of: list[int | None] = [None] * public + list(range(len(sites)))
+        self.keys = [
+            Identity.from_seed(hashlib.sha256(f"site-test:{i}".encode()).digest()).public_key
+            for i in range(size)
+        ]
+        self.nodes: list[Node] = []
+        for i in range(size):
+            identity = Identity.from_seed(hashlib.sha256(f"site-test:{i}".encode()).digest())
+            behind_nat = self.site_of[i] is not None
+            config = NodeConfig(
+                swim=SwimConfig.lan(), nat=SYMMETRIC if behind_nat else PUBLIC,
+                allow_relay=not behind_nat,
+            )
+            self.nodes.append(
+                Node(
+                    identity,
+                    config=config,
+                    trusted_keys=self.keys,
+                    advertised_endpoints=[Endpoint(*self.local_address(i))],
+                    rng=random.Random(i),
+                    entropy=random.Random(f"site-entropy:{i}").randbytes,
+                    wallclock=lambda: 1_800_000_000.0 + self.now,
+                    now=0.0,
+                )
+            )
+        self.in_flight: list[tuple[float, int, bytes, Address, int]] = []
+        self.order = 0
+        self.events: list[list[object]] = [[] for _ in range(size)]
+
+    def local_address(self, index: int) -> Address:
+        return self.public[index] if self.site_of[index] is None else (LAN_HOST, PORT)
+
+    def _deliver_to(self, destination: Address, site: int | None) -> int | None:
+        for index, node_site in enumerate(self.site_of):
+            if node_site == site and self.local_address(index) == destination:
+                return index
+        return None
+
+    def route(self, source: int, destination: Address, data: bytes) -> None:
+        """Through the sender's NAT, across the Internet, through the receiver's NAT."""
+        packet = Packet(self.local_address(source), destination, data)
+        site = self.site_of[source]
+        if site is not None:
+            forwarded = self.nats[site].forward(packet, self.now)
+            if forwarded is None:
+                return
+            if forwarded.dst[0] == LAN_HOST:
+                self._enqueue(forwarded, self._deliver_to(forwarded.dst, site))
+                return
+            packet = forwarded
+        for index, nat in enumerate(self.nats):
+            if packet.dst[0] == nat.public_ip:
+                inbound = nat.forward(packet, self.now)
+                if inbound is not None:
+                    self._enqueue(inbound, self._deliver_to(inbound.dst, index))
+                return
+        self._enqueue(packet, self._deliver_to(packet.dst, None))
+
+    def _enqueue(self, packet: Packet, receiver: int | None) -> None:
+        if receiver is not None:
+            self.order += 1
+            heapq.heappush(
+                self.in_flight,
+                (self.now + self.latency, self.order, packet.data, packet.src, receiver),
+            )
+
+    def flush(self, index: int) -> None:
+        node = self.nodes[index]
+        for data, destination in node.datagrams_to_send():
+            self.route(index, destination, data)
+        self.events[index].extend(node.events())
+
+    def run_until(self, end: float) -> None:
+        while True:
+            deadlines = [
+                (deadline, i)
+                for i, node in enumerate(self.nodes)
+                if (deadline := node.next_deadline()) is not None
+            ]
+            next_timer = min(deadlines, default=(float("inf"), -1))
+            next_datagram = self.in_flight[0][0] if self.in_flight else float("inf")
+            moment = min(next_timer[0], next_datagram)
+            if moment > end:
+                self.now = end
+                return
+            self.now = max(self.now, moment)
+            if next_datagram <= next_timer[0]:
+                _, _, data, source, receiver = heapq.heappop(self.in_flight)
+                self.nodes[receiver].receive_datagram(data, source, self.now)
+                self.flush(receiver)
+            else:
+                self.nodes[next_timer[1]].on_timer(self.now)
+                self.flush(next_timer[1])
+
+    def join_all(self) -> None:
+        for i in range(1, len(self.nodes)):
+            self.nodes[i].join([self.public[0]], self.now)
+            self.flush(i)
+
+    def suspicions(self) -> list[tuple[int, int]]:
+        """(observer, suspected member) of every MemberSuspected or MemberDead event."""
+        found = []
+        for observer, events in enumerate(self.events):
+            for event in events:
+                if isinstance(event, MemberSuspected | MemberDead):
+                    found.append((observer, self.keys.index(event.public_key)))
+        return found
+
+
+def test_members_behind_nats_sharing_one_private_address_are_never_suspected() -> None:
+    """Three sites behind NATs that map per destination with random ports, each node on
+    192.168.1.2 and advertising only that: every pair of them is relayed through a public
+    member. Membership datagrams (probes, and the helpers' indirect probes) must follow
+    each member's path: the shared private address reaches the sender's own LAN, or
+    nothing, never the member."""
+    mesh = SiteMesh(2, ["symmetric_random"] * 3)
+    mesh.join_all()
+    mesh.run_until(90.0)
+    natted = range(2, 5)
+    for i in natted:
+        for j in natted:
+            if i != j:
+                assert mesh.nodes[i].paths()[mesh.keys[j]].kind is PathKind.RELAYED
+    assert mesh.suspicions() == []
+    for node in mesh.nodes:
+        assert [m.state for m in node.membership.members()] == [MemberState.ALIVE] * 5
+        assert node.membership.counters["probe_failed"] == 0
