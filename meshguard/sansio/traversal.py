@@ -246,12 +246,15 @@ class _Session:
     """When the next round of probes goes out; None while waiting for the PunchResponse."""
     expires: float = 0.0
     started: float = 0.0
-    pending: dict[int, tuple[float, Address]] = field(default_factory=dict)
+    pending: dict[int, tuple[float, Address, bool]] = field(default_factory=dict)
+    """Probe sequence → (sent at, target, whether it was an opening probe)."""
     scheduled: float = _INF
     open_at: float = _INF
     """From then on every target gets full-TTL probes (before: only those known open)."""
     full: list[Address] = field(default_factory=list)
     """Targets that got a full-TTL probe."""
+    opening: list[Address] = field(default_factory=list)
+    """Targets that got an opening probe (their NAT was not known open toward us)."""
 
 
 @dataclass(slots=True)
@@ -976,7 +979,6 @@ class Traversal:
         """One probe: full TTL when the peer's NAT is open toward ``addr`` (or the session
         says all are), else an opening probe that only opens our own NAT."""
         seq = self._rng.getrandbits(64)
-        session.pending[seq] = (now, addr)
         path = self._paths.get(session.peer)
         ttl = None
         if (
@@ -987,8 +989,11 @@ class Traversal:
         ):
             ttl = self._config.opening_ttl
             self.counters["opening_probes_sent"] += 1
-        else:
+            if addr not in session.opening:
+                session.opening.append(addr)
+        elif addr not in session.full:
             session.full.append(addr)
+        session.pending[seq] = (now, addr, ttl is not None)
         self._send(session.peer, PunchProbe(session.session_id, seq, False), addr, ttl)
         self.counters["probes_sent"] += 1
 
@@ -1011,13 +1016,19 @@ class Traversal:
         if own or path.session is None:
             self._fall_back(path, now)
 
-    def _succeeded(self, session: _Session, addr: Address, rtt: float, now: float) -> None:
+    def _succeeded(
+        self, session: _Session, addr: Address, rtt: float, now: float, *, through_nat: bool
+    ) -> None:
+        """A probe came back. ``through_nat``: a full-TTL probe answered at an address we
+        first only sent opening probes to; the member's NAT had to open toward us, so a
+        direct check that finds it has punched a hole (an opening probe that came back
+        needed no hole: the member is a hop or two away)."""
         path = self._paths.get(session.peer)
         self._sessions.pop(session.session_id, None)
         if path is None:
             return
         self.counters["probe_round_trips"] += 1
-        path.found_directly = session.purpose is _Purpose.DIRECT
+        path.found_directly = session.purpose is _Purpose.DIRECT and not through_nat
         if self._is_direct(path, addr):
             kind = PathKind.DIRECT
             self.counters["direct_found"] += 1
@@ -1080,7 +1091,9 @@ class Traversal:
         if found is None or found.peer != sender or sent is None:
             self.counters["probe_unexpected"] += 1
             return
-        self._succeeded(found, sent[1], now - sent[0], now)
+        sent_at, target, opening = sent
+        through_nat = target in found.opening and not opening
+        self._succeeded(found, target, now - sent_at, now, through_nat=through_nat)
 
     def _on_request(self, sender: bytes, request: PunchRequest, addr: Address, now: float) -> None:
         if request.target == self._own:
