@@ -48,6 +48,12 @@ def state_name(state: object) -> str:
     return name if isinstance(name, str) else str(state)
 
 
+_DELIVERY = struct.Struct("<cdI")
+_EVENT = _DELIVERY
+_OBSERVATION = struct.Struct("<cdIHi")
+_FLUSH_PARTS = 1 << 14
+
+
 class Trace:
     """An ordered digest of everything that happened: deliveries and events.
 
@@ -58,6 +64,9 @@ class Trace:
 
     def __init__(self) -> None:
         self._hash = blake3.blake3()
+        self._pending: list[bytes] = []
+        """Records not hashed yet: BLAKE3 of the concatenation is the same as of the parts
+        fed one by one, and one ``update`` per few thousand records costs far less."""
         self._addresses: dict[Address, bytes] = {}
         self._kinds: dict[str, int] = {}
         self.records = 0
@@ -70,15 +79,24 @@ class Trace:
             self._addresses[address] = encoded
         return encoded
 
+    def _flush(self) -> None:
+        self._hash.update(b"".join(self._pending))
+        self._pending.clear()
+
     def delivery(self, now: float, packet: Packet) -> None:
-        self._hash.update(b"".join((struct.pack("<cdI", b"D", now, len(packet.data)),
-                                    self._address(packet.src), self._address(packet.dst),
-                                    packet.data)))
+        addresses = self._addresses
+        src = addresses.get(packet.src) or self._address(packet.src)
+        dst = addresses.get(packet.dst) or self._address(packet.dst)
+        data = packet.data
+        pending = self._pending
+        pending += (_DELIVERY.pack(b"D", now, len(data)), src, dst, data)
         self.records += 1
+        if len(pending) >= _FLUSH_PARTS:
+            self._flush()
 
     def event(self, now: float, text: str) -> None:
         encoded = text.encode()
-        self._hash.update(struct.pack("<cdI", b"E", now, len(encoded)) + encoded)
+        self._pending += (_EVENT.pack(b"E", now, len(encoded)), encoded)
         self.records += 1
 
     def observation(self, now: float, observer: int, kind: str, subject: int) -> None:
@@ -87,10 +105,14 @@ class Trace:
         if code is None:
             code = self._kinds[kind] = len(self._kinds)
             self.event(now, f"kind {code} {kind}")
-        self._hash.update(struct.pack("<cdIHi", b"M", now, observer, code, subject))
+        pending = self._pending
+        pending.append(_OBSERVATION.pack(b"M", now, observer, code, subject))
         self.records += 1
+        if len(pending) >= _FLUSH_PARTS:
+            self._flush()
 
     def hexdigest(self) -> str:
+        self._flush()
         return self._hash.hexdigest()
 
 
@@ -244,8 +266,7 @@ class MembershipTracker:
 
     # -- observations ---------------------------------------------------------------------
 
-    def on_events(self, observer: str, events: Iterable[object], now: float,
-                  table: MembershipTable) -> None:
+    def on_events(self, observer: str, events: Iterable[object], now: float) -> None:
         if observer not in self.live:
             return
         own_key = self.keys[observer]
@@ -258,13 +279,15 @@ class MembershipTracker:
             key: bytes | None = getattr(event, "public_key", None)
             if key is None:
                 continue
-            subject = self.names.get(key, key.hex()[:12])
+            subject = self.names.get(key)
+            if subject is None:
+                subject = key.hex()[:12]
             self.trace.observation(now, observer_number, kind, self._key_numbers.get(key, -1))
             if key == own_key:
                 continue
             if kind in self._interval_events:
                 self._interval_events[kind] += 1
-            self._check_incarnation(observer, key, now, table, kind)
+            self._check_incarnation(observer, key, now, getattr(event, "incarnation", None))
             subject_live = subject in self.live
             if kind in ("MemberSuspected", "MemberDead") and subject_live:
                 if subject in self.ever_crashed:
@@ -299,22 +322,25 @@ class MembershipTracker:
         after = self.hits[observer] == target
         self.full += int(after) - int(before)
 
-    def _check_incarnation(self, observer: str, key: bytes, now: float, table: MembershipTable,
-                           kind: str) -> None:
+    def _check_incarnation(self, observer: str, key: bytes, now: float,
+                           incarnation: int | None) -> None:
+        """The incarnation an event reports is the member's incarnation in the observer's
+        table at that moment (the core sets both together), so the event alone is checked;
+        reading the table back per event would cost a lookup per event."""
         seen = self.incarnations[observer]
-        if kind == "MemberReaped":
-            seen.pop(key, None)
-            return
-        view = table.member(key)
-        if view is None:
+        if incarnation is None:
+            seen.pop(key, None)  # reaped or untrusted: the core forgot the member
             return
         previous = seen.get(key)
-        if previous is not None and view.incarnation < previous:
+        if previous is None:
+            seen[key] = incarnation
+        elif incarnation < previous:
             subject = self.names.get(key, key.hex()[:12])
             self.violations.append(Violation(
                 now, "incarnations never go backwards",
-                f"{observer} saw {subject} go from incarnation {previous} to {view.incarnation}"))
-        seen[key] = view.incarnation if previous is None else max(previous, view.incarnation)
+                f"{observer} saw {subject} go from incarnation {previous} to {incarnation}"))
+        else:
+            seen[key] = incarnation
 
     def check_views(self, now: float, tables: dict[str, MembershipTable]) -> None:
         """Each live core's own table must agree with the view built from its events."""

@@ -19,11 +19,11 @@ import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import partial
 from typing import Protocol
 
 import networkx as nx
 import simpy
+from simpy.events import NORMAL
 
 from meshguard.sansio.types import Address
 from sim.scenario import Latency, LinkSpec, Scenario
@@ -38,6 +38,29 @@ class Packet:
     src: Address
     dst: Address
     data: bytes
+
+
+class Call:
+    """One entry in SimPy's event queue that runs ``callbacks`` with itself at its time.
+
+    ``simpy.Environment.step`` needs only ``callbacks`` and ``_ok`` of what it pops, so this
+    slotted object stands in for a ``Timeout`` plus a ``partial`` per scheduled call: the
+    simulator schedules one per datagram and per wake-up. It goes through
+    ``Environment.schedule`` with a Timeout's priority, so ties keep SimPy's FIFO order.
+    """
+
+    __slots__ = ("callbacks", "value")
+    _ok = True
+
+    def __init__(self, callbacks: tuple[Callable[[Call], None], ...], value: object) -> None:
+        self.callbacks: tuple[Callable[[Call], None], ...] | None = callbacks
+        self.value = value
+
+
+def call_later(env: simpy.Environment, delay: float,
+               callbacks: tuple[Callable[[Call], None], ...], value: object) -> None:
+    """Runs each of ``callbacks`` with a ``Call`` carrying ``value`` after ``delay``."""
+    env.schedule(Call(callbacks, value), NORMAL, delay)  # type: ignore[arg-type]
 
 
 class Middlebox(Protocol):
@@ -174,6 +197,7 @@ class Network:
         self._leaf: dict[str, tuple[str, Hop, Hop]] = {}
         """Single-homed hosts: (attachment point, hop out of the host, hop into it)."""
         self._core_routes: dict[tuple[str, str], tuple[Hop, ...]] = {}
+        self._deliver_callbacks = (self._deliver,)
         self.topology_changed()
 
     # -- topology --------------------------------------------------------------------------
@@ -300,11 +324,11 @@ class Network:
         else:
             counters["no_route"] += 1
             return
-        self.env.timeout(delay).callbacks.append(partial(self._deliver, packet))
+        call_later(self.env, delay, self._deliver_callbacks, packet)
         if duplicate:
             counters["duplicated"] += 1
             extra = delay + rng.random() * max(delay, 1e-3)
-            self.env.timeout(extra).callbacks.append(partial(self._deliver, packet))
+            call_later(self.env, extra, self._deliver_callbacks, packet)
 
     def _fault(self, src: str, dst: str) -> str | None:
         """Why a datagram from graph node ``src`` to ``dst`` is dropped now, if it is."""
@@ -321,7 +345,8 @@ class Network:
             return "lost"
         return None
 
-    def _deliver(self, packet: Packet, _event: simpy.Event) -> None:
+    def _deliver(self, call: Call) -> None:
+        packet: Packet = call.value  # type: ignore[assignment]
         receiver = self._receivers.get(packet.dst)
         if receiver is None:
             self.counters["no_listener"] += 1

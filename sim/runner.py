@@ -34,7 +34,7 @@ from meshguard.sansio.types import Address
 from sim.cores import Core, CoreFactory, HostContext, membership_core, node_core, swim_config
 from sim.metrics import MembershipTracker, Series, Trace, Violation, summarise
 from sim.nat import NatPlan, place_nats
-from sim.network import Network, build_underlay
+from sim.network import Call, Network, build_underlay, call_later
 from sim.scenario import (
     Crash,
     Heal,
@@ -112,6 +112,7 @@ class Simulation:
         self.seed = scenario.seed
         self.core_factory = core_factory or CORE_FACTORIES[scenario.core]
         self.env = simpy.Environment()
+        self._wake_callbacks = (self._wake,)
         self.trace = Trace()
         self.hosts = self._make_hosts()
         self.graph = build_underlay(scenario, [(h.name, h.group) for h in self.hosts.values()])
@@ -231,17 +232,18 @@ class Simulation:
                 self.traffic.received(host.name, packets, self.env.now)
         events = core.events()
         if events:
-            self.tracker.on_events(host.name, events, self.env.now, core)
+            self.tracker.on_events(host.name, events, self.env.now)
         deadline = core.next_deadline()
         if deadline is None or (host.wake_at is not None and host.wake_at <= deadline):
             return
         host.wake_at = deadline
         host.wake_generation += 1
         delay = max(0.0, deadline - self.env.now)
-        self.env.timeout(delay).callbacks.append(
-            partial(self._wake, host, host.wake_generation))
+        call_later(self.env, delay, self._wake_callbacks, (host, host.wake_generation))
 
-    def _wake(self, host: Host, generation: int, _event: simpy.Event) -> None:
+    def _wake(self, call: Call) -> None:
+        wake: tuple[Host, int] = call.value  # type: ignore[assignment]
+        host, generation = wake
         if generation != host.wake_generation or host.core is None:
             return
         host.wake_at = None

@@ -104,6 +104,7 @@ _FLAG_SET = 0x01
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
+_ACCUSATION_BODY = struct.Struct(f">{KEY_SIZE}sQ{KEY_SIZE}s")
 
 _MAPPINGS = {int(m): m for m in NatMapping}
 _FILTERINGS = {int(f): f for f in NatFiltering}
@@ -233,7 +234,19 @@ def encode_update(update: Update) -> bytes:
 
 
 def _updates(updates: Sequence[Update]) -> bytes:
-    return _count(updates, MAX_UPDATES, "updates") + b"".join(encode_update(u) for u in updates)
+    """The count and the updates; an Alive whose record was encoded before is looked up
+    inline (gossip re-sends the same record objects many times)."""
+    parts = [_count(updates, MAX_UPDATES, "updates")]
+    encoded = _encoded_records
+    for update in updates:
+        if type(update) is Alive:
+            record = update.record
+            cached = encoded.get(id(record))
+            if cached is not None and cached[0] is record:
+                parts += (_ALIVE_TAG_BYTE, cached[1])
+                continue
+        parts.append(encode_update(update))
+    return b"".join(parts)
 
 
 def _state_entry(entry: StateEntry) -> bytes:
@@ -424,6 +437,15 @@ class _Reader:
     def u64(self) -> int:
         return int.from_bytes(self.take(8), "big")
 
+    def accusation(self) -> tuple[bytes, int, bytes]:
+        """member | incarnation | accuser, in one unpack."""
+        pos = self.pos
+        if pos + _ACCUSATION_BODY.size > len(self.data):
+            raise DecodeError("body is truncated")
+        self.pos = pos + _ACCUSATION_BODY.size
+        fields: tuple[bytes, int, bytes] = _ACCUSATION_BODY.unpack_from(self.data, pos)
+        return fields
+
     def flag(self, what: str) -> bool:
         value = self.u8()
         if value > 1:
@@ -479,8 +501,10 @@ _ENDPOINT_SIZES = {FAMILY_IPV4: ENDPOINT_V4_SIZE, FAMILY_IPV6: ENDPOINT_V6_SIZE}
 _ONE_IPV4 = bytes((1, FAMILY_IPV4))
 _ONE_IPV4_TAIL = 1 + ENDPOINT_V4_SIZE + NAT_INFO_SIZE + SIGNATURE_SIZE
 """The common record (one IPv4 endpoint) is measured without walking its endpoints."""
+_ONE_IPV4_RECORD_SIZE = _RECORD_ENDPOINT_COUNT_AT + _ONE_IPV4_TAIL
 _DECODED_RECORDS_SIZE = 1 << 14
 _decoded_records: dict[bytes, Alive] = {}
+_decoded_entries: dict[bytes, StateEntry] = {}
 
 
 def _record_end(data: bytes, start: int) -> int | None:
@@ -542,21 +566,61 @@ def _read_update(reader: _Reader) -> Update:
     if tag == _ALIVE_TAG:
         return _read_alive(reader)
     if tag == UpdateTag.SUSPECT:
-        return Suspect(reader.take(KEY_SIZE), reader.u64(), reader.take(KEY_SIZE))
+        return Suspect(*reader.accusation())
     if tag == UpdateTag.DEAD:
-        return Dead(reader.take(KEY_SIZE), reader.u64(), reader.take(KEY_SIZE))
+        return Dead(*reader.accusation())
     raise DecodeError(f"unknown update tag {tag}")
 
 
 def _read_updates(reader: _Reader) -> tuple[Update, ...]:
-    return tuple(_read_update(reader) for _ in range(reader.count(MAX_UPDATES, "updates")))
+    """The update list. An Alive whose record (one IPv4 endpoint, the common shape) was
+    decoded before is taken from the cache inline; anything else goes through
+    ``_read_update``. A truncated slice cannot hit the cache: every cached record with these
+    count and family bytes is exactly ``_ONE_IPV4_RECORD_SIZE`` long."""
+    count = reader.count(MAX_UPDATES, "updates")
+    data = reader.data
+    size = len(data)
+    cache = _decoded_records
+    updates: list[Update] = []
+    for _ in range(count):
+        pos = reader.pos
+        if (
+            pos < size
+            and data[pos] == _ALIVE_TAG
+            and data.startswith(_ONE_IPV4, pos + 1 + _RECORD_ENDPOINT_COUNT_AT)
+        ):
+            end = pos + 1 + _ONE_IPV4_RECORD_SIZE
+            cached = cache.get(data[pos + 1 : end])
+            if cached is not None:
+                reader.pos = end
+                updates.append(cached)
+                continue
+        updates.append(_read_update(reader))
+    return tuple(updates)
 
 
 def _read_state_entry(reader: _Reader) -> StateEntry:
+    """A state entry; one without an accusation whose bytes were decoded before comes from a
+    cache (push-pull repeats the same table), like ``_read_alive``."""
+    data = reader.data
+    start = reader.pos
+    end = _record_end(data, start)
+    raw = None
+    if end is not None and end < len(data) and data[end] == 0:
+        raw = data[start : end + 1]
+        cached = _decoded_entries.get(raw)
+        if cached is not None:
+            reader.pos = end + 1
+            return cached
     record = _read_record(reader)
     tag = reader.u8()
     if tag == 0:
-        return StateEntry(record)
+        entry = StateEntry(record)
+        if raw is not None:
+            if len(_decoded_entries) >= _DECODED_RECORDS_SIZE:
+                del _decoded_entries[next(iter(_decoded_entries))]
+            _decoded_entries[raw] = entry
+        return entry
     if tag == UpdateTag.SUSPECT:
         return StateEntry(record, Suspect(record.public_key, reader.u64(), reader.take(KEY_SIZE)))
     if tag == UpdateTag.DEAD:
