@@ -222,6 +222,8 @@ class Node:
             str(mesh_ipv6(identity.public_key)): identity.public_key,
         }
         self._outbox: list[tuple[bytes, Address]] = []
+        self._heard_from: dict[bytes, Address] = {}
+        """Member → where its latest authenticated meshguard datagram came from."""
         self._seed_addresses: dict[Address, None] = {}
         """Every address given to ``join``: datagrams to them go there, not by member key."""
         self._events: list[Event] = []
@@ -322,6 +324,7 @@ class Node:
             return
         sender, message = opened
         self.traversal.heard(sender, addr)
+        self._heard_from[sender] = addr
         if isinstance(message, EndpointUpdate) and message.record.public_key != sender:
             self.counters["endpoint_update_refused"] += 1
         elif not self.traversal.on_message(
@@ -444,14 +447,20 @@ class Node:
         """Where a membership datagram sealed for member ``key`` goes: along the member's
         path (direct, punched, or its virtual relay address), else where SWIM addressed it.
 
-        SWIM's address is kept when it is a seed address the member does not advertise: a
-        hello to an unknown seed is sealed for every trusted key, and is meant for whoever
-        is at that address, not for the members those keys belong to.
+        SWIM's address is kept when the member's latest datagram came from it (its NAT
+        rebound, say: the path follows only when the tunnel's traffic roams), and when it
+        is a seed address the member does not advertise: a hello to an unknown seed is
+        sealed for every trusted key, and is meant for whoever is at that address, not for
+        the members those keys belong to.
         """
         if addr in self._seed_addresses and not self._advertises(key, addr):
             return addr
         destination = self.traversal.destination(key)
-        return addr if destination is None else destination
+        if destination is None or (
+            addr == self._heard_from.get(key) and not is_virtual(destination)
+        ):
+            return addr
+        return destination
 
     def _advertises(self, key: bytes, addr: Address) -> bool:
         view = self.membership.member(key)
@@ -632,6 +641,7 @@ class Node:
         return tuple(networks)
 
     def _remove(self, public_key: bytes, reason: str, now: float) -> None:
+        self._heard_from.pop(public_key, None)
         peer = self._peers.pop(public_key, None)
         if peer is None:
             return

@@ -722,11 +722,15 @@ class Traversal:
         """The member probed us from ``addr`` while we have no path: probe back there.
 
         Its NAT just opened a mapping toward us, so this usually completes at once; it also
-        settles asymmetric views (it found us, we did not find it).
+        settles asymmetric views (it found us, we did not find it). While our own punch
+        waits for its PunchResponse, the probe is the peer's side of that punch arriving
+        first (the rendezvous is a longer way round): probe back within the punch, or the
+        peer's round trip completes and ours never does.
         """
         if path.session is not None:
             session = self._sessions.get(path.session)
             if session is not None and session.next_round is None and not session.targets:
+                self._probe(session, addr, now)
                 return
             self._cancel_own_session(path)
         self._start_direct(path, [addr], now)
