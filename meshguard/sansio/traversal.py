@@ -11,6 +11,14 @@ One ``Traversal`` per node keeps a path per member and the machinery that finds 
   back at once. When only the peer's NAT maps per destination, we also probe a bounded range
   of ports above its observed port (port prediction). The first round trip makes the path
   PUNCHED.
+- **Opening probes.** Toward a member whose NAT has not opened toward us (not public, not
+  heard from at that address) probes go out with a small IP TTL (``opening_ttl``): they
+  open our own NAT and die before the member's, so its NAT never sees an unsolicited
+  datagram from us (Linux masquerade would keep it in conntrack and give the member's own
+  flow to us a random port). The punch target opens first and waits for the initiator's
+  first probe (or ``opening_wait``) before probing at full TTL. ``opening_ttl`` also tells
+  the node which membership datagrams to send that way; drivers get them from
+  ``limited_datagrams_to_send``.
 - **Relay.** When punching fails, WireGuard datagrams travel wrapped in ``RelayEnvelope``s
   through a member that allows relaying, chosen by measured round-trip time. The device
   sees a *virtual* endpoint for the peer (``virtual_address``), so roaming and replies need
