@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from meshguard.identity.keys import Identity, ed25519_public_to_x25519
 from meshguard.sansio import codec
-from meshguard.sansio.errors import LocalProtocolError
+from meshguard.sansio.errors import DecodeError, LocalProtocolError
 from meshguard.sansio.messages import (
     Ack,
     Alive,
@@ -30,6 +30,7 @@ from meshguard.sansio.messages import (
     Update,
 )
 from meshguard.sansio.swim import (
+    JOIN_REPLY_PERIODS,
     MemberAlive,
     MemberDead,
     MemberJoined,
@@ -427,6 +428,155 @@ def test_seeds_of_every_join_are_remembered_for_rejoining() -> None:
     contacted.clear()
     cluster.run_for(3 * cluster.config.reconnect_interval)
     assert sorted(contacted) == sorted(cluster.addresses[1:])
+
+
+def seeds_and_joiner(members: int) -> Cluster:
+    """Nodes 0..members-1 converged through node 0; the last node is started, not joined."""
+    cluster = Cluster(members + 1)
+    for index in range(members):
+        cluster.start(index)
+    for index in range(1, members):
+        cluster.join(index, [0])
+    cluster.run_until_converged(60, among=range(members))
+    cluster.start(members)
+    return cluster
+
+
+def sync_replies_to(cluster: Cluster, joiner: int) -> list[tuple[int, StateSync]]:
+    """(sender, message) of every full-state reply sent to ``joiner`` from now on."""
+    replies: list[tuple[int, StateSync]] = []
+
+    def tap(sender: int, destination: tuple[str, int], datagram: bytes) -> None:
+        if destination == cluster.addresses[joiner]:
+            message = opened(cluster.identities[joiner], cluster.keys[sender], datagram)
+            if isinstance(message, StateSync) and not message.want_reply:
+                replies.append((sender, message))
+
+    cluster.taps.append(tap)
+    return replies
+
+
+def test_only_one_seed_answers_a_join_with_its_full_state() -> None:
+    cluster = seeds_and_joiner(3)
+    replies = sync_replies_to(cluster, 3)
+    cluster.join(3, [0, 1, 2])
+    cluster.run_for(1)
+    assert len({sender for sender, _ in replies}) == 1
+    assert cluster.node(3).live_count == 4
+    assert all(cluster.state(seed, 3) is MemberState.ALIVE for seed in range(3))
+
+
+def test_a_join_whose_seed_does_not_answer_asks_the_next_seed() -> None:
+    cluster = seeds_and_joiner(3)
+    replies = sync_replies_to(cluster, 3)
+    for seed in range(3):
+        cluster.block(3, seed, both_ways=False)
+    cluster.join(3, [0, 1, 2])
+    cluster.heal()
+    cluster.run_for(JOIN_REPLY_PERIODS * cluster.config.protocol_period + 0.5)
+    assert len({sender for sender, _ in replies}) == 1
+    assert cluster.node(3).live_count == 4
+
+
+def test_a_join_reply_with_a_lost_chunk_is_asked_for_again() -> None:
+    cluster = seeds_and_joiner(30)
+    dropped: list[int] = []
+
+    def drop_first_chunk(sender: int, destination: tuple[str, int], datagram: bytes) -> None:
+        cluster.blocked.pop((0, 30), None)
+        if sender == 0 and destination == cluster.addresses[30] and not dropped:
+            message = opened(cluster.identities[30], cluster.keys[0], datagram)
+            if isinstance(message, StateSync) and not message.want_reply:
+                assert message.parts > 1
+                dropped.append(message.part)
+                cluster.blocked[(0, 30)] = None
+
+    cluster.taps.append(drop_first_chunk)
+    cluster.join(30, [0])
+    cluster.run_for(1)
+    assert dropped
+    assert cluster.node(30).live_count < 31
+    cluster.run_for(JOIN_REPLY_PERIODS * cluster.config.protocol_period)
+    assert cluster.node(30).live_count == 31
+
+
+def test_a_joiner_does_not_gossip_the_members_its_seed_told_it_about() -> None:
+    cluster = seeds_and_joiner(5)
+    gossiped: list[bytes] = []
+
+    def tap(sender: int, destination: tuple[str, int], datagram: bytes) -> None:
+        if sender == 5:
+            receiver = cluster.index_of[destination]
+            message = opened(cluster.identities[receiver], cluster.keys[5], datagram)
+            for update in getattr(message, "updates", ()):
+                if isinstance(update, Alive):
+                    gossiped.append(update.record.public_key)
+
+    cluster.taps.append(tap)
+    cluster.join(5, [0])
+    cluster.run_for(5)
+    assert cluster.node(5).live_count == 6
+    assert gossiped
+    assert set(gossiped) == {cluster.keys[5]}
+
+
+def test_gossip_to_a_member_that_does_not_know_us_carries_our_record() -> None:
+    slow = SwimConfig(protocol_period=100.0, probe_timeout=1.0)
+    cluster = Cluster(8, config=slow)
+    node = lone_node_knowing(cluster, range(1, 8))
+    gossip(cluster, 1, 0, Alive(record_of(cluster.identities[7], 1)))
+    carried: list[tuple[Update, ...]] = []
+
+    def tap(sender: int, destination: tuple[str, int], datagram: bytes) -> None:
+        for receiver in range(2, 8):
+            try:
+                message = opened(cluster.identities[receiver], cluster.keys[0], datagram)
+            except DecodeError:
+                continue
+            if isinstance(message, Ack) and message.seq == 0:
+                carried.append(message.updates)
+
+    cluster.taps.append(tap)
+    cluster.run_for(1)
+    assert node.counters["gossip_sent"] > 0
+    assert carried
+    own = node.members()[0]
+    for updates in carried:
+        first = updates[0]
+        assert isinstance(first, Alive)
+        assert first.record.public_key == own.public_key
+
+
+def test_a_joiners_first_exchange_is_a_pull_within_one_push_pull_interval() -> None:
+    cluster = seeds_and_joiner(5)
+    requests: list[tuple[float, StateSync]] = []
+
+    def tap(sender: int, destination: tuple[str, int], datagram: bytes) -> None:
+        if sender == 5:
+            receiver = cluster.index_of[destination]
+            message = opened(cluster.identities[receiver], cluster.keys[5], datagram)
+            if isinstance(message, StateSync) and message.want_reply:
+                requests.append((cluster.now, message))
+
+    cluster.taps.append(tap)
+    joined = cluster.now
+    cluster.join(5, [0])
+    cluster.run_for(cluster.config.push_pull_interval + 1)
+    (_, join), (when, pull) = requests
+    assert len(join.entries) == 1
+    assert len(pull.entries) == 1
+    interval = cluster.config.push_pull_interval
+    assert 0.5 * interval <= when - joined <= interval + 0.1
+
+
+def test_a_dead_member_we_never_knew_is_not_taken_from_a_periodic_exchange() -> None:
+    cluster = Cluster(8)
+    node = lone_node_knowing(cluster, range(1, 7))
+    accusation = Dead(cluster.keys[7], 0, cluster.keys[1])
+    entry = StateEntry(record_of(cluster.identities[7], 0), accusation)
+    sync = StateSync(2, 0, 1, False, (entry,))
+    cluster.inject(sealed(cluster.identities[1], cluster.keys[0], sync), ("10.9.9.9", 1), 0)
+    assert node.member(cluster.keys[7]) is None
 
 
 def test_seed_keys_must_match_the_seeds() -> None:

@@ -72,6 +72,7 @@ from meshguard.sansio.types import Address, Entropy, RandomSource
 __all__ = [
     "COUNTERS",
     "GOSSIP_SEQ",
+    "JOIN_REPLY_PERIODS",
     "MemberAlive",
     "MemberDead",
     "MemberJoined",
@@ -101,6 +102,12 @@ MAX_SEEDS = 64
 
 MAX_RELAYS = 256
 """Indirect probes a helper runs at once for others; more requests are refused."""
+
+JOIN_REPLY_PERIODS = 2.0
+"""Protocol periods a joiner waits for its seed's full state before asking again."""
+
+JOIN_ATTEMPTS = 4
+"""Full-state requests one join makes at most (lost requests, lost chunks of the reply)."""
 
 COUNTERS = (
     "datagram_received",
@@ -449,6 +456,7 @@ class _Timer(enum.IntEnum):
     RELAY = 4
     SUSPICION = 5
     REAP = 6
+    JOIN_RETRY = 7
 
 
 _LIVE = (MemberState.ALIVE, MemberState.SUSPECT)
@@ -509,6 +517,15 @@ class Membership:
         self._seq = rng.randrange(1, 1 << 32)
         self._sync_replies: dict[bytes, tuple[int, float]] = {}
         self._seeds: dict[Address, bytes | None] = {}
+        self._join_exchange = 0
+        self._join_answered = True
+        self._join_seed: tuple[Address, bytes | None] = (("", 0), None)
+        self._join_backups: list[tuple[Address, bytes | None]] = []
+        self._join_parts: set[int] = set()
+        self._join_parts_total = 0
+        self._join_attempts_left = 0
+        self._follow_up_exchange = 0
+        self._follow_up_due = False
 
         self._incarnation = incarnation
         self._status = RecordStatus.ALIVE
@@ -547,7 +564,12 @@ class Membership:
     def join(
         self, seeds: Sequence[Address], now: float, *, seed_keys: Sequence[bytes] = ()
     ) -> None:
-        """Exchange full state with each seed address, and remember the seeds for rejoining.
+        """Join through seed addresses, and remember the seeds for rejoining.
+
+        One seed, chosen at random, is asked for its full state; the others only get our
+        record (a seed's full state is the costliest message of a mass join: one reply is
+        enough, and the other seeds still gossip our record at once). When the chosen seed
+        does not answer within ``JOIN_REPLY_PERIODS`` protocol periods the next one is asked.
 
         ``seed_keys``, when given, is the key of each seed in the same order. Without it a
         seed's key is taken from a member known at that address, else a one-record hello is
@@ -573,9 +595,18 @@ class Membership:
             self._status = RecordStatus.ALIVE
             self._new_own_record(self._incarnation + 1)
         by_address = self._members_by_address()
-        for addr, seed_key in given:
-            known = seed_key if seed_key is not None else by_address.get(addr)
-            self._contact_seed(addr, known)
+        contacts = [
+            (addr, seed_key if seed_key is not None else by_address.get(addr))
+            for addr, seed_key in given
+        ]
+        if not contacts:
+            return
+        self._rng.shuffle(contacts)
+        for addr, known in contacts[1:]:
+            self._announce_to_seed(addr, known)
+        self._join_backups = contacts[1:]
+        self._join_attempts_left = JOIN_ATTEMPTS
+        self._ask_seed_for_state(*contacts[0])
 
     def leave(self, now: float) -> None:
         """Leave gracefully: sign a LEFT record, send it to a few members and gossip it."""
@@ -720,7 +751,7 @@ class Membership:
             if len(self._queue) and self._config.gossip_interval > 0:
                 self._gossip_round()
         if now >= self._push_pull_at:
-            self._push_pull_at = now + self._config.push_pull_period(self._live_count)
+            self._push_pull_at = now + self._push_pull_wait(self._live_count)
             if self._status is RecordStatus.ALIVE:
                 self._push_pull()
         if now >= self._reconnect_at:
@@ -801,19 +832,30 @@ class Membership:
     def _send_ping(self, target: bytes, seq: int, addr: Address) -> None:
         """A probe; to a member that has not shown it knows us, our record goes first (a
         joiner's record can miss a member by chance: first contact repairs that at once)."""
-        first = self._accusation_for(target)
-        member = self._members.get(target)
-        if member is not None and not member.knows_us and self._status is RecordStatus.ALIVE:
-            first += (Alive(self._members[self._public_key].record),)
-        updates = self._piggyback(encoded_size(Ping(seq, target)), first)
+        introduction = self._introduction(target)
+        first = self._accusation_for(target) + introduction
+        skip = self._public_key if introduction else None
+        updates = self._piggyback(encoded_size(Ping(seq, target)), first, skip=skip)
         self._send(target, Ping(seq, target, updates), addr)
         self.counters["ping_sent"] += 1
 
-    def _send_gossip(self, member: _Member, first: tuple[Update, ...] = ()) -> bool:
+    def _introduction(self, peer: bytes) -> tuple[Update, ...]:
+        """Our record, for a member that has not shown it knows us (else nothing)."""
+        member = self._members.get(peer)
+        if member is None or member.knows_us or self._status is not RecordStatus.ALIVE:
+            return ()
+        return (Alive(self._members[self._public_key].record),)
+
+    def _send_gossip(self, member: _Member) -> bool:
+        """Queued updates to ``member``; our record first if it has not shown it knows us
+        (gossip misses a few members by chance, and a joiner's state came from its seed, so
+        nobody else would tell them about us until the next push-pull)."""
         addr = member.target_address()
         if addr is None:
             return False
-        updates = self._piggyback(encoded_size(Ack(GOSSIP_SEQ)), first)
+        introduction = self._introduction(member.public_key)
+        skip = self._public_key if introduction else None
+        updates = self._piggyback(encoded_size(Ack(GOSSIP_SEQ)), introduction, skip=skip)
         if not updates:
             return False
         self._send(member.public_key, Ack(GOSSIP_SEQ, updates), addr)
@@ -831,9 +873,9 @@ class Membership:
     def _state_entry(member: _Member) -> StateEntry:
         return StateEntry(member.record, member.accusation())
 
-    def _send_hello(self, peer: bytes, addr: Address) -> None:
+    def _send_hello(self, peer: bytes, addr: Address, exchange: int, want_reply: bool) -> None:
         own = self._state_entry(self._members[self._public_key])
-        self._send(peer, StateSync(self._rng.getrandbits(64), 0, 1, True, (own,)), addr)
+        self._send(peer, StateSync(exchange, 0, 1, want_reply, (own,)), addr)
 
     # -----------------------------------------------------------------------------------------
     # Own record
@@ -991,8 +1033,13 @@ class Membership:
             else:
                 self._on_dead(update.member, update.incarnation, update.accuser)
 
-    def _on_record(self, record: MemberRecord) -> None:
-        """A self-signed record (ALIVE or LEFT) reached us, by gossip, sync or directly."""
+    def _on_record(self, record: MemberRecord, *, spread: bool = True) -> None:
+        """A self-signed record (ALIVE or LEFT) reached us, by gossip, sync or directly.
+
+        ``spread`` False: a member first learned here is not gossiped on. A joiner learns the
+        whole cluster from its seed's state, which the cluster already knows: gossiping it
+        again would cost λ·log N transmissions of every record by every joiner.
+        """
         key = record.public_key
         member = self._members.get(key)
         if member is not None:
@@ -1011,7 +1058,9 @@ class Membership:
         if member is None:
             state = MemberState.ALIVE if record.status is RecordStatus.ALIVE else MemberState.LEFT
             self._add_member(record, state, key, record.incarnation)
-            self._enqueue(key, Alive(record))
+            if spread:
+                self._enqueue(key, Alive(record))
+
         elif key == self._public_key:
             if record.incarnation >= self._incarnation:
                 self._refute(record.incarnation)
@@ -1197,10 +1246,27 @@ class Membership:
         A member the sender holds suspect or dead is only *suspected* here (as memberlist
         does): after a partition each side holds the other dead, and suspicion lets the
         accused refute instead of dying on the spot. Members we never heard of arrive in the
-        sender's state; dead ones are remembered quietly, so they can be reached to heal.
+        sender's state. A joiner remembers the dead ones quietly (from its seed's reply), so
+        it can reach them to heal; an established member skips them, or two members would
+        hand a member one of them has reaped back and forth forever.
+
+        What a joiner learns from its seed's reply and from its follow-up pull is not
+        gossiped on (see ``_on_record``); the reply's chunks are counted so that a lost one
+        is asked for again (``_check_join_reply``).
         """
         self.counters["state_sync_received"] += 1
         self._heard_from(sender, addr, knows_us=True)
+        join_reply = not sync.want_reply and sync.exchange == self._join_exchange
+        if join_reply:
+            if not self._join_answered:
+                self._join_answered = True
+                self._join_seed = (addr, sender)
+                self._join_parts_total = sync.parts
+                self._follow_up_due = True
+                wait = self._rng.uniform(0.5, 1.0) * self._config.push_pull_interval
+                self._push_pull_at = self._now + wait
+            self._join_parts.add(sync.part)
+        quiet = join_reply or (not sync.want_reply and sync.exchange == self._follow_up_exchange)
         for entry in sync.entries:
             accusation = entry.suspect_or_dead
             record = entry.record
@@ -1210,6 +1276,8 @@ class Membership:
                 and record.public_key in self._trusted
                 and record.status is RecordStatus.ALIVE
             ):
+                if not join_reply:
+                    continue
                 if verify_record(record):
                     self._add_member(
                         _interned(record),
@@ -1220,7 +1288,7 @@ class Membership:
                 else:
                     self.counters["bad_signature"] += 1
                 continue
-            self._on_record(record)
+            self._on_record(record, spread=not quiet)
             if accusation is not None:
                 self._on_suspect(accusation.member, accusation.incarnation, accusation.accuser)
         if sync.want_reply:
@@ -1264,6 +1332,9 @@ class Membership:
                 self._forget(ref)
                 self.counters["reaped"] += 1
                 self._events.append(MemberReaped(ref))
+        elif kind is _Timer.JOIN_RETRY:
+            if ref == self._join_exchange:
+                self._check_join_reply()
         elif kind is _Timer.RELAY:
             assert isinstance(ref, int)
             relay = self._relays.pop(ref, None)
@@ -1426,12 +1497,29 @@ class Membership:
                 break
 
     def _push_pull(self) -> None:
+        """Full state exchange with a random member; after a join, a pull only.
+
+        The joiner's follow-up pull fetches what gossip brought to everyone but missed it
+        (members that joined after its seed answered); its own record went out with the join.
+        """
         chosen = self._alive.sample(self._rng, 1, ())
         if chosen:
             member = self._members[chosen[0]]
             addr = member.target_address()
-            if addr is not None:
-                self._send_state(member.public_key, addr, self._rng.getrandbits(64), True)
+            if addr is None:
+                return
+            exchange = self._rng.getrandbits(64)
+            if self._follow_up_due:
+                self._follow_up_due = False
+                self._follow_up_exchange = exchange
+                self._send_hello(member.public_key, addr, exchange, True)
+            else:
+                self._send_state(member.public_key, addr, exchange, True)
+
+    def _push_pull_wait(self, members: int) -> float:
+        """Time to the next periodic exchange: the scaled period, jittered ±50% so that
+        members that joined together do not exchange together."""
+        return self._config.push_pull_period(members) * self._rng.uniform(0.5, 1.5)
 
     def _reconnect(self) -> None:
         """Try a dead member, and seeds that are not live members, now and then.
@@ -1475,10 +1563,47 @@ class Membership:
                 by_address.setdefault((endpoint.host, endpoint.port), key)
         return by_address
 
-    def _contact_seed(self, addr: Address, known: bytes | None) -> None:
-        """Full state to a seed whose key we know, else a hello for each trusted key."""
+    def _contact_seed(self, addr: Address, known: bytes | None, exchange: int = 0) -> None:
+        """Full state to a seed whose key we know, else a hello for each trusted key; both
+        ask for the seed's state (``exchange`` 0: a fresh exchange id)."""
+        exchange = exchange or self._rng.getrandbits(64)
         if known is not None and known in self._trusted:
-            self._send_state(known, addr, self._rng.getrandbits(64), True)
+            self._send_state(known, addr, exchange, True)
             return
         for key in tuple(self._trusted):
-            self._send_hello(key, addr)
+            self._send_hello(key, addr, exchange, True)
+
+    def _check_join_reply(self) -> None:
+        """Ask again when the seed's full state did not come, or came with chunks missing.
+
+        A lost chunk would otherwise leave its members unknown to the joiner until periodic
+        push-pull, since what a joiner learns from its seed is not gossiped (``_on_record``).
+        """
+        if self._join_answered and len(self._join_parts) >= self._join_parts_total:
+            return
+        if self._join_attempts_left <= 0 or self._status is not RecordStatus.ALIVE:
+            return
+        self.counters["seed_attempts"] += 1
+        if not self._join_answered and self._join_backups:
+            self._ask_seed_for_state(*self._join_backups.pop(0))
+        else:
+            self._ask_seed_for_state(*self._join_seed)
+
+    def _announce_to_seed(self, addr: Address, known: bytes | None) -> None:
+        """Our record alone to a seed (its key, else every trusted key), asking nothing back."""
+        keys = (known,) if known is not None and known in self._trusted else tuple(self._trusted)
+        exchange = self._rng.getrandbits(64)
+        for key in keys:
+            self._send_hello(key, addr, exchange, False)
+
+    def _ask_seed_for_state(self, addr: Address, known: bytes | None) -> None:
+        """Start (or retry) the join's one full state exchange, with this seed."""
+        self._join_attempts_left -= 1
+        self._join_exchange = self._rng.getrandbits(64) or 1
+        self._join_answered = False
+        self._join_seed = (addr, known)
+        self._join_parts = set()
+        self._join_parts_total = 0
+        self._contact_seed(addr, known, self._join_exchange)
+        retry_at = self._now + JOIN_REPLY_PERIODS * self._config.protocol_period
+        self._schedule(retry_at, _Timer.JOIN_RETRY, self._join_exchange)
