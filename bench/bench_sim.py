@@ -8,22 +8,30 @@ Runs 1000 nodes for 300 simulated seconds (1 s protocol period, 1% loss: a mass 
 seconds per wall second; target ≥ 5), the peak RSS (target < 2 GiB), when the mesh first
 converged after the mass join, and the detection latency of the crashes next to the SWIM
 paper's expectation of e/(e−1) protocol periods until a crashed member is first probed.
-``--profile`` adds the top of a cProfile by internal time. A benchmark, not a test: it
-reports misses but always exits 0 once it has run.
+Next to the speed it prints a baseline timed in the same process before and after the run:
+a fixed pure-Python and crypto workload (``calibration_workload``), and the speed factor
+scaled by how much slower that workload ran than on the idle machine, so a number taken on
+a busy machine can still be compared. ``--profile`` adds the top of a cProfile by internal
+time. A benchmark, not a test: it reports misses but always exits 0 once it has run.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import heapq
 import io
 import pstats
 import resource
+import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -32,6 +40,9 @@ import sim  # noqa: E402
 
 SPEED_TARGET = 5.0
 RSS_TARGET_GIB = 2.0
+CALIBRATION_REFERENCE_SECONDS = 0.30
+"""The calibration workload's time on this 2-core machine with no other load (see
+docs/simulator.md); a run's speed factor is scaled by calibration / reference."""
 
 
 def scenario_data(path: Path, nodes: int | None, duration: float | None) -> dict[str, Any]:
@@ -45,6 +56,41 @@ def scenario_data(path: Path, nodes: int | None, duration: float | None) -> dict
             event["at"] = event["at"] * duration / data["duration"]
         data["duration"] = duration
     return data
+
+
+def calibration_workload() -> None:
+    """A fixed piece of work shaped like the simulator's: dict, tuple, struct and heap
+    operations in pure Python, ChaCha20-Poly1305 over 1 KiB and X25519 exchanges. It uses no
+    project code, so optimising the simulator does not change it."""
+    table: dict[bytes, tuple[int, float]] = {}
+    queue: list[tuple[float, int, bytes]] = []
+    pack = struct.Struct("<cdI").pack
+    for index in range(200_000):
+        key = pack(b"D", index * 0.5, index % 977)
+        table[key] = (index, index * 0.25)
+        heapq.heappush(queue, (index * 0.37 % 101.0, index, key))
+        if len(queue) > 1000:
+            _, _, popped = heapq.heappop(queue)
+            table.pop(popped, None)
+    cipher = ChaCha20Poly1305(bytes(range(32)))
+    payload = bytes(1024)
+    for _ in range(10_000):
+        cipher.decrypt(bytes(12), cipher.encrypt(bytes(12), payload, None), None)
+    private = X25519PrivateKey.from_private_bytes(bytes(range(32)))
+    public = X25519PrivateKey.from_private_bytes(bytes(range(1, 33))).public_key()
+    for _ in range(3000):
+        private.exchange(public)
+
+
+def calibration_seconds() -> float:
+    """Wall seconds of ``calibration_workload``: the best of three, so one preemption does
+    not count, while a machine that is busy throughout still shows."""
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        calibration_workload()
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
 def peak_rss_gib() -> float:
@@ -62,12 +108,14 @@ def main() -> int:
     args = parser.parse_args()
 
     scenario = sim.load_scenario(scenario_data(args.scenario, args.nodes, args.duration))
+    calibration_before = calibration_seconds()
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
         profiler.enable()
     result = sim.run(scenario, seed=args.seed, out_dir=args.out, progress=True)
     if profiler is not None:
         profiler.disable()
+    calibration_after = calibration_seconds()
     summary = result.summary
     rss = peak_rss_gib()
     speed = summary["speed_factor"]
@@ -82,6 +130,14 @@ def main() -> int:
     print(f"wall seconds        {summary['wall_seconds']:.1f}")
     print(f"speed factor        {speed:.2f}x real time (target >= {SPEED_TARGET:g}x: "
           f"{verdict(speed >= SPEED_TARGET)})")
+    calibration = (calibration_before + calibration_after) / 2
+    slowdown = calibration / CALIBRATION_REFERENCE_SECONDS
+    print(f"baseline            calibration workload {calibration_before:.3f} s before, "
+          f"{calibration_after:.3f} s after the run ({slowdown:.2f}x its "
+          f"{CALIBRATION_REFERENCE_SECONDS:.3f} s on the idle machine)")
+    print(f"speed vs baseline   the run took {summary['wall_seconds'] / calibration:.1f} "
+          f"calibration workloads; speed factor scaled to the idle machine "
+          f"{speed * slowdown:.2f}x")
     cpu = summary["cpu_seconds"]
     print(f"CPU seconds         {cpu:.1f} ({summary['sim_seconds'] / cpu:.2f}x real time per "
           "CPU second: what the speed factor would be on an otherwise idle core)")
