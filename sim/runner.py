@@ -35,6 +35,7 @@ from sim.cores import Core, CoreFactory, HostContext, membership_core, node_core
 from sim.metrics import MembershipTracker, Series, Trace, Violation, summarise
 from sim.nat import NatPlan, place_nats
 from sim.network import Call, Network, build_underlay, call_later
+from sim.reachability import punchability_summary
 from sim.scenario import (
     Crash,
     Heal,
@@ -400,6 +401,12 @@ class Simulation:
             summary["nat_hosts"] = dict(sorted(kinds.items()))
             summary["nat_devices"] = len(self.nats.devices)
             summary["nat_counters"] = self.nats.counters()
+            live = []
+            for host in self.hosts.values():
+                path_kinds = getattr(host.core, "path_kinds", None)
+                if host.state == "live" and path_kinds is not None:
+                    live.append((host.name, host.identity.public_key, path_kinds()))
+            summary.update(punchability_summary(self.nats, live))
         return summary
 
     def _traffic_summary(self) -> dict[str, Any]:
