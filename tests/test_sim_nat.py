@@ -17,6 +17,7 @@ import sim
 from meshguard.sansio.types import Address
 from sim.nat import NAT_TYPES, Filtering, Mapping, Nat, NatBehaviour
 from sim.network import Network, Packet, add_link
+from sim.reachability import EffectiveNat, PairClass, classify_pair, effective_nat, nat_chain
 from sim.scenario import Latency, LinkSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,3 +229,86 @@ def test_nat_run_is_deterministic_across_processes(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
         lines.append(done.stdout.splitlines()[-1])
     assert lines == [f"seed 4  trace {first.trace_hash}"] * 2
+
+
+def device(kind: str, ip: str, **changes: object) -> Nat:
+    behaviour = dataclasses.replace(NAT_TYPES[kind], **changes)  # type: ignore[arg-type]
+    return Nat(ip, ip, behaviour, random.Random(1))
+
+
+@pytest.mark.parametrize(("a", "b", "expected"), [
+    ("full_cone", "symmetric_random", PairClass.DIRECT),
+    ("port_restricted", "port_restricted", PairClass.PUNCHABLE),
+    ("address_restricted", "port_restricted", PairClass.PUNCHABLE),
+    ("address_restricted", "symmetric_random", PairClass.PUNCHABLE),
+    ("address_restricted", "address_dependent", PairClass.PUNCHABLE),
+    ("port_restricted", "symmetric", PairClass.PREDICTION),
+    ("port_restricted", "address_dependent", PairClass.PREDICTION),
+    ("port_restricted", "symmetric_random", PairClass.RELAY_ONLY),
+    ("symmetric", "symmetric", PairClass.RELAY_ONLY),
+    ("address_dependent", "symmetric_random", PairClass.RELAY_ONLY),
+])
+def test_pair_classes_of_single_nats(a: str, b: str, expected: PairClass) -> None:
+    first, second = (device(a, "198.18.0.1"),), (device(b, "198.18.0.2"),)
+    assert classify_pair(first, second) is expected
+    assert classify_pair(second, first) is expected
+
+
+def test_public_hosts_and_hosts_sharing_a_nat_connect_directly() -> None:
+    home = device("symmetric_random", "198.18.0.1")
+    other = device("symmetric_random", "198.18.0.2")
+    assert classify_pair((), (home,)) is PairClass.DIRECT
+    assert classify_pair((), ()) is PairClass.DIRECT
+    assert classify_pair((home,), (home,)) is PairClass.DIRECT
+    assert classify_pair((home,), (other,)) is PairClass.RELAY_ONLY
+
+
+def test_nested_nats_add_up_innermost_first() -> None:
+    carrier = device("port_restricted", "198.18.1.1")
+    random_carrier = device("port_restricted", "198.18.1.2", random_ports=True)
+    full_cone = device("full_cone", "198.18.0.1")
+    symmetric_random = device("symmetric_random", "198.18.0.2")
+    assert effective_nat((full_cone, carrier)) == EffectiveNat(
+        Mapping.ENDPOINT_INDEPENDENT, Filtering.ADDRESS_AND_PORT_DEPENDENT, predictable=True)
+    assert effective_nat((symmetric_random, carrier)) == EffectiveNat(
+        Mapping.ADDRESS_AND_PORT_DEPENDENT, Filtering.ADDRESS_AND_PORT_DEPENDENT,
+        predictable=True), "the outer device allocates the ports the world sees"
+    assert not effective_nat((symmetric_random, random_carrier)).predictable  # type: ignore[union-attr]
+    port_restricted = (device("port_restricted", "198.18.0.3"),)
+    assert classify_pair((full_cone,), port_restricted) is PairClass.DIRECT
+    assert classify_pair((full_cone, carrier), port_restricted) is PairClass.PUNCHABLE
+
+
+def test_hosts_behind_one_carrier_nat_need_it_to_hairpin() -> None:
+    carrier = device("port_restricted", "198.18.1.1")
+    no_hairpin = device("port_restricted", "198.18.1.2", hairpinning=False)
+    first, second = device("full_cone", "198.18.0.1"), device("port_restricted", "198.18.0.2")
+    assert classify_pair((first, carrier), (second, carrier)) is PairClass.PUNCHABLE
+    assert classify_pair((first, no_hairpin), (second, no_hairpin)) is PairClass.RELAY_ONLY
+
+
+def test_nat_chain_follows_nesting_in_a_placed_scenario() -> None:
+    scenario = sim.load_scenario({
+        "duration": 5, "settle": None, "core": "node", "nodes": {"count": 12, "seeds": 2},
+        "nat": {"fraction": 0.8, "hosts_per_nat": 1, "cgnat": 1.0,
+                "mix": {"symmetric": 1}}})
+    plan = sim.Simulation(scenario).nats
+    for host, inner in plan.front_of.items():
+        chain = nat_chain(plan, host)
+        assert chain[0] is inner and len(chain) == 2
+        assert chain[1].name.startswith("cgnat:") and inner.public_ip in chain[1].inside
+    assert nat_chain(plan, "n0") == ()
+
+
+def test_nat_mixed_30_connects_every_pair_and_punches_every_punchable_one() -> None:
+    """Issue 6's targets on the small mixed-NAT scenario: every live pair connected, every
+    pair the classifier calls direct or punchable connected without a relay, and no live
+    member declared dead."""
+    result = sim.run(sim.load_scenario(ROOT / "scenarios" / "nat-mixed-30.yaml"))
+    summary = result.summary
+    assert summary["pairs_unreachable"] == 0
+    assert summary["pairs_total"] == summary["pairs_direct"] + summary["pairs_punched"] + \
+        summary["pairs_relayed"]
+    assert summary["pairs_punchable_but_relayed"] == 0, summary["punchable_but_relayed_examples"]
+    assert summary["pairs_by_class"]["punchable"] > 0
+    assert summary["false_positive_deaths"] == 0
