@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import heapq
 import ipaddress
+import pickle
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from meshguard.sansio.swim_config import SwimConfig
 from meshguard.sansio.traversal import (
     PathChanged,
     PathKind,
+    Traversal,
     TraversalConfig,
     is_virtual,
     virtual_address,
@@ -843,3 +845,63 @@ def test_a_punch_that_came_too_early_is_answered_once_the_initiator_is_known() -
     learned = net.now
     net.run_until(learned + 2.0)
     assert net.path(target, initiator) is PathKind.PUNCHED
+
+
+class LoneTraversal:
+    """One ``Traversal`` driven by hand: datagrams are pickled (peer, message) pairs."""
+
+    def __init__(self, own: bytes) -> None:
+        self.traversal = Traversal(
+            own,
+            config=TraversalConfig(),
+            rng=random.Random(3),
+            seal=lambda peer, message: pickle.dumps((peer, message)),
+            open_datagram=lambda data: None,
+        )
+        self.sent: list[tuple[object, Address, int | None]] = []
+
+    def drain(self) -> list[tuple[object, Address, int | None]]:
+        out: list[tuple[object, Address, int | None]] = [
+            (pickle.loads(data)[1], addr, ttl)
+            for data, addr, ttl in self.traversal.limited_datagrams_to_send()
+        ]
+        out += [(pickle.loads(d)[1], a, None) for d, a in self.traversal.datagrams_to_send()]
+        self.sent += out
+        return out
+
+    def run_until(self, end: float) -> None:
+        while (deadline := self.traversal.next_deadline()) is not None and deadline <= end:
+            self.traversal.on_timer(deadline)
+            self.drain()
+
+
+def test_after_the_members_punch_toward_us_failed_a_restarted_search_relays_at_once() -> None:
+    """Seen in the real NAT test: the member (smaller key) punched us and failed while its
+    new record restarted our direct check; when that check fails we relay at once instead
+    of waiting the key-order defer (4 s) and repeating a punch through the same NATs."""
+    relay, member, own = b"\x01" * 32, b"\x05" * 32, b"\x09" * 32
+    lone = LoneTraversal(own)
+    traversal = lone.traversal
+    public_relay = NatInfo(mapping=NatMapping.NONE, allows_relay=True)
+    traversal.add_member(relay, [Endpoint("203.0.113.1", PORT)], public_relay, 0.0)
+    probe = next(m for m, _, _ in lone.drain() if isinstance(m, PunchProbe))
+    traversal.on_message(
+        relay, PunchProbe(probe.session, probe.seq, True), ("203.0.113.1", PORT), 0.01
+    )
+    assert traversal.paths()[relay].kind is PathKind.DIRECT
+    traversal.add_member(member, [Endpoint("192.168.4.2", PORT)], NatInfo(), 0.1)
+    candidates = (Endpoint("198.51.103.1", 34821),)
+    request = PunchRequest(4242, member, own, candidates)
+    traversal.on_message(relay, request, ("203.0.113.1", PORT), 0.2)
+    assert any(isinstance(m, PunchResponse) for m, _, _ in lone.drain())
+    lone.run_until(3.0)
+    endpoints = [Endpoint("198.51.103.1", 34821), Endpoint("192.168.4.2", PORT)]
+    traversal.update_member(member, endpoints, NatInfo(), 3.0)
+    lone.drain()
+    lone.run_until(4.0)
+    assert traversal.counters["punch_failed"] == 1, "the member's punch should have failed"
+    assert traversal.paths()[member].kind is PathKind.CONNECTING
+    lone.run_until(4.5)
+    path = traversal.paths()[member]
+    assert path.kind is PathKind.RELAYED and path.relay == relay
+    assert traversal.counters["punch_requests_sent"] == 0

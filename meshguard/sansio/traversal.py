@@ -290,6 +290,8 @@ class _Path:
     misses: int = 0
     bad_relays: dict[bytes, None] = field(default_factory=dict)
     scheduled: float = _INF
+    peer_punch_failed: float = -_INF
+    """When a punch the member started toward us last failed."""
 
     def info(self) -> PathInfo:
         return PathInfo(self.kind, self.endpoint, self.relay, self.rtt)
@@ -744,8 +746,15 @@ class Traversal:
         self._start_direct(path, [addr], now)
 
     def _start_punch(self, path: _Path, now: float, *, defer: bool) -> None:
-        """Punch through a rendezvous; with ``defer``, the greater key lets the other start."""
+        """Punch through a rendezvous; with ``defer``, the greater key lets the other start.
+
+        When the member's own punch toward us failed within ``retry_min``, ours would meet
+        the same NATs: relay at once instead and punch at the next retry (a record update
+        that restarted our search meanwhile would otherwise cost a defer and a punch)."""
         if path.session is not None:
+            return
+        if defer and now - path.peer_punch_failed < self._config.retry_min:
+            self._fall_back(path, now)
             return
         if defer and self._own > path.key:
             path.retry_at = now + self._config.punch_defer
@@ -1025,6 +1034,8 @@ class Traversal:
         self.counters["punch_failed"] += 1
         if session.predicting:
             path.predicted = True
+        if not own:
+            path.peer_punch_failed = now
         if own or path.session is None:
             self._fall_back(path, now)
 
