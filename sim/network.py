@@ -75,7 +75,8 @@ class Link:
     """A link's parameters plus the per-direction transmit queue used when bandwidth is set."""
 
     __slots__ = ("_high", "_low", "_mu", "_sigma", "busy_until", "dist", "duplicate", "ends",
-                 "jitter", "loss", "mean_latency", "reorder", "reorder_delay", "seconds_per_bit")
+                 "jitter", "loss", "mean_latency", "plain", "reorder", "reorder_delay",
+                 "seconds_per_bit")
 
     def __init__(self, spec: LinkSpec, ends: tuple[str, str]) -> None:
         self.ends = ends
@@ -94,6 +95,8 @@ class Link:
         self.reorder_delay = spec.reorder_delay
         self.seconds_per_bit = 0.0 if spec.bandwidth is None else 1.0 / spec.bandwidth
         self.busy_until = [0.0, 0.0]
+        self.plain = not (self.seconds_per_bit or self.reorder or self.duplicate)
+        """Only loss and delay: a datagram crosses it without any per-link state."""
 
     def sample_delay(self, rng: random.Random) -> float:
         if self.dist == "constant":
@@ -197,6 +200,11 @@ class Network:
         self._leaf: dict[str, tuple[str, Hop, Hop]] = {}
         """Single-homed hosts: (attachment point, hop out of the host, hop into it)."""
         self._core_routes: dict[tuple[str, str], tuple[Hop, ...]] = {}
+        self._plain_leaf: dict[str, tuple[str, Link]] = {}
+        """Leaves whose link is plain and whose attachment point has no middlebox:
+        (attachment point, link) for ``send``'s fast path."""
+        self._plain_core: dict[tuple[str, str], tuple[Link, ...] | None] = {}
+        """Core routes as bare links, None when a hop is not plain or has a middlebox."""
         self._deliver_callbacks = (self._deliver,)
         self.topology_changed()
 
@@ -207,6 +215,8 @@ class Network:
         self._group = {node: data.get("group", "") for node, data in self.graph.nodes(data=True)}
         self._core_routes.clear()
         self._leaf.clear()
+        self._plain_leaf.clear()
+        self._plain_core.clear()
         for node, data in self.graph.nodes(data=True):
             if data.get("kind") == "host" and self.graph.degree(node) == 1:
                 (neighbour,) = self.graph.neighbors(node)
@@ -215,6 +225,8 @@ class Network:
                 direction = 0 if link.ends[0] == node else 1
                 self._leaf[node] = (neighbour, (link, direction, neighbour, middlebox),
                                     (link, 1 - direction, node, None))
+                if link.plain and middlebox is None:
+                    self._plain_leaf[node] = (neighbour, link)
 
     def add_host(self, host: str, group: str, attach_to: str, spec: LinkSpec) -> None:
         add_host(self.graph, host, group, attach_to, spec)
@@ -275,8 +287,20 @@ class Network:
         if node is None or target is None:
             counters["no_route"] += 1
             return
-        packet = Packet(src, dst, data)
         rng = self.rng
+        if not (self._cuts or self._extra_loss or self._group_loss):
+            links = self._plain_links(node, target)
+            if links is not None:
+                delay = 0.0
+                for link in links:
+                    loss = link.loss
+                    if loss and rng.random() < loss:
+                        counters["lost"] += 1
+                        return
+                    delay += link.sample_delay(rng)
+                call_later(self.env, delay, self._deliver_callbacks, Packet(src, dst, data))
+                return
+        packet = Packet(src, dst, data)
         now = self.env.now
         delay = 0.0
         duplicate = False
@@ -329,6 +353,26 @@ class Network:
             counters["duplicated"] += 1
             extra = delay + rng.random() * max(delay, 1e-3)
             call_later(self.env, extra, self._deliver_callbacks, packet)
+
+    def _plain_links(self, src: str, dst: str) -> tuple[Link, ...] | None:
+        """The links from host ``src`` to host ``dst`` when every one is plain and no
+        middlebox is on the way (the common case, handled without per-hop bookkeeping and
+        with the same random draws as the general path), else None."""
+        src_leaf = self._plain_leaf.get(src)
+        dst_leaf = self._plain_leaf.get(dst)
+        if src_leaf is None or dst_leaf is None or src == dst:
+            return None
+        pair = (src_leaf[0], dst_leaf[0])
+        core = self._plain_core.get(pair, ())
+        if core == () and pair not in self._plain_core:
+            hops = self._core_routes.get(pair) or self._core_route(*pair)
+            core = (None if hops is None or any(
+                not link.plain or middlebox is not None for link, _, _, middlebox in hops)
+                else tuple(link for link, _, _, _ in hops))
+            self._plain_core[pair] = core
+        if core is None:
+            return None
+        return (src_leaf[1], *core, dst_leaf[1])
 
     def _fault(self, src: str, dst: str) -> str | None:
         """Why a datagram from graph node ``src`` to ``dst`` is dropped now, if it is."""
