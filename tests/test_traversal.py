@@ -905,3 +905,31 @@ def test_after_the_members_punch_toward_us_failed_a_restarted_search_relays_at_o
     path = traversal.paths()[member]
     assert path.kind is PathKind.RELAYED and path.relay == relay
     assert traversal.counters["punch_requests_sent"] == 0
+
+
+def test_a_deferred_punch_waits_for_the_members_punch_that_is_running() -> None:
+    """The greater key deferred its punch; the member's punch toward us starts meanwhile.
+    When our deferred retry comes while that punch runs we do not start a second one
+    through the same NATs: its failure relays the path."""
+    relay, member, own = b"\x01" * 32, b"\x05" * 32, b"\x09" * 32
+    lone = LoneTraversal(own)
+    traversal = lone.traversal
+    public_relay = NatInfo(mapping=NatMapping.NONE, allows_relay=True)
+    traversal.add_member(relay, [Endpoint("203.0.113.1", PORT)], public_relay, 0.0)
+    probe = next(m for m, _, _ in lone.drain() if isinstance(m, PunchProbe))
+    traversal.on_message(
+        relay, PunchProbe(probe.session, probe.seq, True), ("203.0.113.1", PORT), 0.01
+    )
+    traversal.add_member(member, [Endpoint("198.51.103.1", 34821)], NatInfo(), 0.1)
+    lone.run_until(4.0)
+    assert traversal.counters["direct_checks"] == 2, "checks of the relay and the member"
+    assert traversal.paths()[member].kind is PathKind.CONNECTING
+    request = PunchRequest(4242, member, own, (Endpoint("198.51.103.1", 34821),))
+    traversal.on_message(relay, request, ("203.0.113.1", PORT), 4.0)
+    lone.drain()
+    lone.run_until(7.0)
+    assert traversal.counters["punch_requests_sent"] == 0
+    assert traversal.paths()[member].kind is PathKind.CONNECTING
+    lone.run_until(7.6)
+    assert traversal.paths()[member].kind is PathKind.RELAYED
+    assert traversal.counters["punch_requests_sent"] == 0

@@ -748,10 +748,14 @@ class Traversal:
     def _start_punch(self, path: _Path, now: float, *, defer: bool) -> None:
         """Punch through a rendezvous; with ``defer``, the greater key lets the other start.
 
-        When the member's own punch toward us failed within ``retry_min``, ours would meet
-        the same NATs: relay at once instead and punch at the next retry (a record update
-        that restarted our search meanwhile would otherwise cost a defer and a punch)."""
+        Nothing while the member's own punch toward us runs: when it ends the path is
+        punched, or relayed with a retry (``_session_failed``). When that punch failed within
+        ``retry_min``, ours would meet the same NATs: relay at once instead and punch at the
+        next retry (a record update that restarted our search meanwhile would otherwise cost
+        a defer and a punch)."""
         if path.session is not None:
+            return
+        if any(s.peer == path.key for s in self._sessions.values()):
             return
         if defer and now - path.peer_punch_failed < self._config.retry_min:
             self._fall_back(path, now)
