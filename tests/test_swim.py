@@ -547,6 +547,40 @@ def test_gossip_to_a_member_that_does_not_know_us_carries_our_record() -> None:
         assert first.record.public_key == own.public_key
 
 
+def test_a_seed_tells_a_joiner_it_answered_about_members_that_joined_since() -> None:
+    quiet = SwimConfig(protocol_period=5.0, probe_timeout=1.0, gossip_interval=0)
+    cluster = Cluster(5, config=quiet)
+    for index in range(3):
+        cluster.start(index)
+    cluster.join(1, [0])
+    cluster.join(2, [0])
+    cluster.run_until_converged(60, among=range(3))
+    told: list[tuple[float, tuple[Update, ...]]] = []
+
+    def tap(sender: int, destination: tuple[str, int], datagram: bytes) -> None:
+        if sender == 0 and destination == cluster.addresses[3]:
+            message = opened(cluster.identities[3], cluster.keys[0], datagram)
+            if isinstance(message, Ack) and message.seq == 0:
+                told.append((cluster.now, message.updates))
+
+    cluster.taps.append(tap)
+    for index in (3, 4):
+        cluster.start(index)
+        for other in (1, 2):
+            cluster.block(index, other)
+    cluster.block(3, 4)
+    answered = cluster.now
+    cluster.join(3, [0])
+    cluster.run_for(0.1)
+    cluster.join(4, [0])
+    cluster.run_for(JOIN_REPLY_PERIODS * quiet.protocol_period)
+    assert cluster.node(0).counters["newcomer_updates_sent"] >= 1
+    [(when, updates)] = told
+    assert when == pytest.approx(answered + 0.01 + JOIN_REPLY_PERIODS * quiet.protocol_period)
+    assert [u.record.public_key for u in updates if isinstance(u, Alive)] == [cluster.keys[4]]
+    assert cluster.state(3, 4) is MemberState.ALIVE
+
+
 def test_a_joiners_first_exchange_is_a_pull_within_one_push_pull_interval() -> None:
     cluster = seeds_and_joiner(5)
     requests: list[tuple[float, StateSync]] = []

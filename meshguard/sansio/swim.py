@@ -109,6 +109,9 @@ JOIN_REPLY_PERIODS = 2.0
 JOIN_ATTEMPTS = 4
 """Full-state requests one join makes at most (lost requests, lost chunks of the reply)."""
 
+MAX_NEWCOMERS = 256
+"""Joiners a node answered and will still tell about members that became live since."""
+
 COUNTERS = (
     "datagram_received",
     "datagram_sent",
@@ -148,6 +151,7 @@ COUNTERS = (
     "removed",
     "reconnect_attempts",
     "seed_attempts",
+    "newcomer_updates_sent",
 )
 """Every counter name, present from the start so metrics see zeros rather than gaps."""
 
@@ -374,6 +378,7 @@ class _Member:
         "in_probe_order",
         "incarnation",
         "knows_us",
+        "live_order",
         "public_key",
         "record",
         "state",
@@ -392,6 +397,7 @@ class _Member:
         self.endpoint_index = 0
         self.in_probe_order = False
         self.knows_us = False
+        self.live_order = 0
 
     def target_address(self) -> Address | None:
         """Where to reach it: where it last spoke from, else one of its advertised endpoints."""
@@ -457,6 +463,7 @@ class _Timer(enum.IntEnum):
     SUSPICION = 5
     REAP = 6
     JOIN_RETRY = 7
+    NEWCOMER = 8
 
 
 _LIVE = (MemberState.ALIVE, MemberState.SUSPECT)
@@ -526,6 +533,8 @@ class Membership:
         self._join_attempts_left = 0
         self._follow_up_exchange = 0
         self._follow_up_due = False
+        self._live_order = 0
+        self._newcomers: dict[bytes, tuple[int, Address]] = {}
 
         self._incarnation = incarnation
         self._status = RecordStatus.ALIVE
@@ -955,6 +964,8 @@ class Membership:
             self._live_count -= 1
         elif is_live and not was_live:
             self._live_count += 1
+            self._live_order += 1
+            member.live_order = self._live_order
             self._insert_into_probe_order(member)
         if state is MemberState.ALIVE:
             self._alive.add(key)
@@ -1256,6 +1267,8 @@ class Membership:
         """
         self.counters["state_sync_received"] += 1
         self._heard_from(sender, addr, knows_us=True)
+        known = self._members.get(sender)
+        newcomer = known is None or known.state not in _LIVE
         join_reply = not sync.want_reply and sync.exchange == self._join_exchange
         if join_reply:
             if not self._join_answered:
@@ -1299,6 +1312,10 @@ class Membership:
             ):
                 self._sync_replies[sender] = (sync.exchange, self._now)
                 self._send_state(sender, addr, sync.exchange, want_reply=False)
+                if newcomer and len(self._newcomers) < MAX_NEWCOMERS:
+                    self._newcomers[sender] = (self._live_order, addr)
+                    later = self._now + JOIN_REPLY_PERIODS * self._config.protocol_period
+                    self._schedule(later, _Timer.NEWCOMER, sender)
 
     # -----------------------------------------------------------------------------------------
     # Timers
@@ -1332,6 +1349,9 @@ class Membership:
                 self._forget(ref)
                 self.counters["reaped"] += 1
                 self._events.append(MemberReaped(ref))
+        elif kind is _Timer.NEWCOMER:
+            assert isinstance(ref, bytes)
+            self._tell_newcomer(ref)
         elif kind is _Timer.JOIN_RETRY:
             if ref == self._join_exchange:
                 self._check_join_reply()
@@ -1572,6 +1592,38 @@ class Membership:
             return
         for key in tuple(self._trusted):
             self._send_hello(key, addr, exchange, True)
+
+    def _tell_newcomer(self, newcomer: bytes) -> None:
+        """Send a joiner we answered the records of members that became live since.
+
+        Members joining together miss each other in their seeds' answers, and gossip about
+        them may never pass a joiner's NAT (it accepts datagrams only from members it has
+        contacted: at first, its seed). The seed knows what it told the joiner, so it sends
+        the difference once, as gossip-only datagrams.
+        """
+        told = self._newcomers.pop(newcomer, None)
+        if told is None or newcomer not in self._trusted:
+            return
+        order, addr = told
+        fresh = [
+            Alive(m.record)
+            for m in self._members.values()
+            if m.live_order > order and m.state in _LIVE and m.public_key != newcomer
+        ]
+        bare = encoded_size(Ack(GOSSIP_SEQ))
+        batch: list[Update] = []
+        room = MAX_DATAGRAM - bare
+        for update in fresh:
+            size = update_size(update)
+            if size > room and batch:
+                self._send(newcomer, Ack(GOSSIP_SEQ, tuple(batch)), addr)
+                self.counters["newcomer_updates_sent"] += 1
+                batch, room = [], MAX_DATAGRAM - bare
+            batch.append(update)
+            room -= size
+        if batch:
+            self._send(newcomer, Ack(GOSSIP_SEQ, tuple(batch)), addr)
+            self.counters["newcomer_updates_sent"] += 1
 
     def _check_join_reply(self) -> None:
         """Ask again when the seed's full state did not come, or came with chunks missing.
