@@ -1046,10 +1046,10 @@ class Traversal:
     def _succeeded(
         self, session: _Session, addr: Address, rtt: float, now: float, *, through_nat: bool
     ) -> None:
-        """A probe came back. ``through_nat``: a full-TTL probe answered at an address we
-        first only sent opening probes to; the member's NAT had to open toward us, so a
-        direct check that finds it has punched a hole (an opening probe that came back
-        needed no hole: the member is a hop or two away)."""
+        """A probe came back. ``through_nat``: a full-TTL probe answered at the public
+        mapping of the member's NAT, where we first only sent opening probes: that NAT had
+        to open toward us, so a direct check that finds it has punched a hole (an opening
+        probe that came back needed no hole: the member is a hop or two away)."""
         path = self._paths.get(session.peer)
         self._sessions.pop(session.session_id, None)
         if path is None:
@@ -1119,7 +1119,7 @@ class Traversal:
             self.counters["probe_unexpected"] += 1
             return
         sent_at, target, opening = sent
-        through_nat = target in found.opening and not opening
+        through_nat = target in found.opening and not opening and _nat_mapped(path, target)
         self._succeeded(found, target, now - sent_at, now, through_nat=through_nat)
 
     def _on_request(self, sender: bytes, request: PunchRequest, addr: Address, now: float) -> None:
@@ -1300,6 +1300,19 @@ class Traversal:
             return False
         bucket.tokens -= 1
         return True
+
+
+def _nat_mapped(path: _Path, addr: Address) -> bool:
+    """Whether ``addr`` is, by the member's record, the public mapping of a NAT in front of
+    it: its NAT facts say it has one, or, while they are unknown, it advertises ``addr``
+    first with another address of the same family after it (its own, behind the NAT)."""
+    mapping = path.nat.mapping
+    if mapping is not NatMapping.UNKNOWN:
+        return mapping is not NatMapping.NONE
+    if not path.endpoints or path.endpoints[0] != addr:
+        return False
+    v6 = ":" in addr[0]
+    return any((":" in host) == v6 and host != addr[0] for host, _ in path.endpoints[1:])
 
 
 def _with_observed(addr: Address, candidates: Sequence[Endpoint]) -> tuple[Endpoint, ...]:
