@@ -428,6 +428,10 @@ class Node:
                 routed.append((data, destination))
             else:
                 limited.append((data, destination, ttl))
+            if destination == addr and addr not in self._seed_addresses:
+                interim = self.traversal.interim_relay(key)
+                if interim is not None:
+                    routed.append((data, interim))
         from_device = self.device.datagrams_to_send()
         if not self.traversal.has_virtual():
             out.extend(routed)
@@ -447,6 +451,7 @@ class Node:
         """Where a membership datagram sealed for member ``key`` goes: along the member's
         path (direct, punched, or its virtual relay address), else where SWIM addressed it.
 
+        Without a path, a copy also goes through a relay (``Traversal.interim_relay``).
         SWIM's address is kept when the member's latest datagram came from it (its NAT
         rebound, say: the path follows only when the tunnel's traffic roams), and when it
         is a seed address the member does not advertise: a hello to an unknown seed is

@@ -441,9 +441,10 @@ class Traversal:
             del self._sessions[session_id]
         if path is not None and path.relay is not None:
             self._virtual.pop(virtual_address(path.relay, key), None)
+        for virtual in [v for v, route in self._virtual.items() if key in route]:
+            del self._virtual[virtual]
         for other in list(self._paths.values()):
             if other.relay == key:
-                self._virtual.pop(virtual_address(key, other.key), None)
                 self._path_lost(other, now)
 
     def destination(self, key: bytes) -> Address | None:
@@ -463,6 +464,25 @@ class Traversal:
         if path.kind is PathKind.RELAYED and path.relay is not None:
             return virtual_address(path.relay, key)
         return None
+
+    def interim_relay(self, key: bytes) -> Address | None:
+        """A virtual address through a relay for member ``key`` while it has no path
+        (connecting or unreachable), None otherwise or when no member relays for us.
+
+        The node sends membership datagrams there as well as to SWIM's address: a probe
+        to a member behind a filtering NAT reaches it while its path is still searched for,
+        instead of failing and making the member suspect. The path and the device endpoint
+        stay as they are.
+        """
+        path = self._paths.get(key)
+        if path is None or path.kind not in (PathKind.CONNECTING, PathKind.UNREACHABLE):
+            return None
+        relay = self._choose_relay(path)
+        if relay is None:
+            return None
+        virtual = virtual_address(relay, key)
+        self._virtual.setdefault(virtual, (relay, key))
+        return virtual
 
     def heard(self, sender: bytes, addr: Address) -> None:
         """An authenticated meshguard datagram from ``sender`` came from ``addr``."""
