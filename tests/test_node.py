@@ -18,6 +18,7 @@ from meshguard.identity.keys import Identity
 from meshguard.identity.meshaddr import mesh_ipv4, mesh_ipv6
 from meshguard.sansio import stun
 from meshguard.sansio.messages import Endpoint, NatFiltering, NatInfo, NatMapping
+from meshguard.sansio.natdetect import NatDetected
 from meshguard.sansio.node import Node, NodeConfig, PeerAdded, PeerRemoved
 from meshguard.sansio.swim import MemberDead, MemberState, MemberSuspected
 from meshguard.sansio.swim_config import SwimConfig
@@ -464,3 +465,53 @@ def test_members_behind_nats_sharing_one_private_address_are_never_suspected() -
     for node in mesh.nodes:
         assert [m.state for m in node.membership.members()] == [MemberState.ALIVE] * 5
         assert node.membership.counters["probe_failed"] == 0
+
+
+def test_nat_detection_runs_again_when_the_public_mapping_changes() -> None:
+    """A node's NAT is replaced under it (a new router, another uplink): the periodic STUN
+    refresh sees another mapping, and the node probes the new NAT and gossips what it is."""
+    servers: list[Address] = [("203.0.113.10", 3478), ("203.0.113.11", 3478)]
+    responders = {server: stun.StunResponder() for server in servers}
+    identity = Identity.from_seed(hashlib.sha256(b"node-test:nat-change").digest())
+    node = Node(
+        identity,
+        config=NodeConfig(swim=SwimConfig.lan(), stun_servers=tuple(servers)),
+        trusted_keys=[identity.public_key],
+        advertised_endpoints=[Endpoint(LAN_HOST, PORT)],
+        rng=random.Random(7),
+        entropy=random.Random("entropy:nat-change").randbytes,
+        wallclock=lambda: 1_800_000_000.0,
+        now=0.0,
+    )
+
+    def cone(server: Address) -> Address:
+        return ("198.51.100.1", 40000)
+
+    def symmetric(server: Address) -> Address:
+        return ("198.51.100.99", 41000 + servers.index(server))
+
+    def run(nat: object, until: float, now: float) -> tuple[float, list[NatDetected]]:
+        detected: list[NatDetected] = []
+        while now < until:
+            deadline = node.next_deadline()
+            now = until if deadline is None else min(max(deadline, now), until)
+            node.on_timer(now)
+            for data, destination in node.datagrams_to_send():
+                responder = responders.get(destination)
+                answer = None if responder is None else responder.answer(data, nat(destination))
+                if answer is not None:
+                    node.receive_datagram(answer, destination, now)
+            detected.extend(e for e in node.events() if isinstance(e, NatDetected))
+        return now, detected
+
+    now, first = run(cone, 60.0, 0.0)
+    assert [d.report.nat.mapping for d in first] == [NatMapping.ENDPOINT_INDEPENDENT]
+    assert node.nat.mapping is NatMapping.ENDPOINT_INDEPENDENT
+
+    now, second = run(symmetric, 150.0, now)
+    assert len(second) == 1
+    assert second[0].report.nat.mapping is not NatMapping.ENDPOINT_INDEPENDENT
+    assert node.nat.mapping is second[0].report.nat.mapping
+    own = node.membership.member(identity.public_key)
+    assert own is not None and own.nat.mapping is second[0].report.nat.mapping
+    assert Endpoint("198.51.100.99", 41000) in own.endpoints

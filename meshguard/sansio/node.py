@@ -33,7 +33,13 @@ from meshguard.sansio.messages import (
     RecordStatus,
 )
 from meshguard.sansio.natdetect import NatDetected, NatProber
-from meshguard.sansio.stun import MappedAddress, StunClient, StunEvent, StunResponder
+from meshguard.sansio.stun import (
+    MappedAddress,
+    PublicAddressChanged,
+    StunClient,
+    StunEvent,
+    StunResponder,
+)
 from meshguard.sansio.swim_config import SwimConfig
 from meshguard.sansio.traversal import (
     PathChanged,
@@ -262,13 +268,14 @@ class Node:
         """Our local addresses changed (roaming): advertise them and tell tunnel peers.
 
         A learned public mapping is dropped (it belonged to the old address) and asked for
-        again at once.
+        again at once; the NAT in front of the new address is probed afresh.
         """
         self._configured_endpoints = tuple(endpoints)
         self._public_endpoint = None
         self._publish_endpoints(now)
         if self._stun_servers:
             self.stun_client.query(self._stun_servers[0], now)
+        self._redetect_nat(now)
         self._absorb(now)
 
     # -- input -------------------------------------------------------------------------
@@ -581,6 +588,8 @@ class Node:
             self._events.append(stun_event)
             if isinstance(stun_event, MappedAddress):
                 self._on_mapped(stun_event, now)
+            elif isinstance(stun_event, PublicAddressChanged):
+                self._redetect_nat(now)
         if self._prober is not None:
             for detected in self._prober.events():
                 self._events.append(detected)
@@ -707,6 +716,12 @@ class Node:
         self._prober = NatProber(servers, local, self._entropy)
         self._prober.start(now)
 
+    def _redetect_nat(self, now: float) -> None:
+        """Our mapping changed (a new NAT, a rebooted router, roaming): what we gossip about
+        our NAT may be wrong now, so run the detection again over the same servers."""
+        if self._prober is not None:
+            self._start_nat_detection(self._prober.servers, now)
+
     def _on_mapped(self, event: MappedAddress, now: float) -> None:
         """The first server we monitor tells the public mapping we advertise."""
         if not self._stun_servers or event.server != self._stun_servers[0]:
@@ -721,7 +736,7 @@ class Node:
         if self.config.nat is None:
             self._nat = dataclasses.replace(report.nat, allows_relay=self.config.allow_relay)
             self.membership.set_nat_info(self._nat, now)
-        if self._public_endpoint is None and report.public_endpoints:
+        if report.public_endpoints and (not self._stun_servers or self._public_endpoint is None):
             self._public_endpoint = report.public_endpoints[0]
         self._publish_endpoints(now)
 
