@@ -725,16 +725,17 @@ class Traversal:
         return peer_filters and self._nat.mapping is not NatMapping.NONE
 
     def _start_check(self, path: _Path, now: float) -> None:
+        """A direct check of the advertised endpoints, the current one and the address we
+        last heard the member from (its NAT is open toward us there: it may have probed us
+        before it became a member here); a punch when its NAT filters and nothing was heard."""
         if path.session is not None:
             return
         targets = list(path.endpoints)
-        if (
-            path.endpoint is not None
-            and path.endpoint not in targets
-            and not is_virtual(path.endpoint)
-        ):
-            targets.append(path.endpoint)
-        if not targets or self._needs_punch(path):
+        heard = self._heard.get(path.key)
+        for addr in (path.endpoint, heard):
+            if addr is not None and addr not in targets and not is_virtual(addr):
+                targets.append(addr)
+        if not targets or (self._needs_punch(path) and heard is None):
             self._start_punch(path, now, defer=True)
             return
         self._start_direct(path, targets, now)
@@ -1103,16 +1104,14 @@ class Traversal:
 
     def _on_probe(self, sender: bytes, probe: PunchProbe, addr: Address, now: float) -> None:
         """Answer the probes of members that are peers, nobody else's: a member we hold
-        dead must not keep its path to us looking alive. A probe from a key we do not know
-        yet means it is looking for us: we punch toward it once it becomes a member.
+        dead must not keep its path to us looking alive (a key we do not know yet: the node
+        has noted where it came from, and our check probes there once it is a member).
 
         A probe shows the sender's NAT is open toward us from ``addr``: a session toward
         it probes there at full TTL at once."""
         path = self._paths.get(sender)
         if path is None:
             self.counters["probe_unexpected"] += 1
-            if not probe.reply and sender != self._own:
-                self._remember_early_initiator(sender, now)
             return
         if not probe.reply:
             self._send(sender, PunchProbe(probe.session, probe.seq, True), addr)
@@ -1322,17 +1321,33 @@ class Traversal:
         return True
 
 
+_LOCAL_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+)
+"""Private (RFC 1918, RFC 6598 shared, RFC 4193 unique local) addresses: what hosts behind
+a NAT have."""
+
+
+def _is_local(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(ip in network for network in _LOCAL_NETWORKS)
+
+
 def _nat_mapped(path: _Path, addr: Address) -> bool:
     """Whether ``addr`` is, by the member's record, the public mapping of a NAT in front of
     it: its NAT facts say it has one, or, while they are unknown, it advertises ``addr``
-    first with another address of the same family after it (its own, behind the NAT)."""
+    first, a non-private address, with a private address after it (its own, behind the NAT;
+    the first is what STUN saw)."""
     mapping = path.nat.mapping
     if mapping is not NatMapping.UNKNOWN:
         return mapping is not NatMapping.NONE
-    if not path.endpoints or path.endpoints[0] != addr:
+    if not path.endpoints or path.endpoints[0] != addr or _is_local(addr[0]):
         return False
-    v6 = ":" in addr[0]
-    return any((":" in host) == v6 and host != addr[0] for host, _ in path.endpoints[1:])
+    return any(_is_local(host) for host, _ in path.endpoints[1:])
 
 
 def _with_observed(addr: Address, candidates: Sequence[Endpoint]) -> tuple[Endpoint, ...]:
