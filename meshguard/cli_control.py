@@ -123,7 +123,7 @@ def render_peers(peers: Sequence[MemberStatus], now: float) -> str:
 
 def render_ping(report: PingReport) -> str:
     """One line per ping, like ping(8): who answered, over which path, and how fast."""
-    who = f"{report['name']} ({report['mesh_ipv4']})"
+    who = f"{report['name']} ({report['address']})"
     if not report["reply"]:
         return f"no reply from {who}: {report['detail'] or 'timed out'}"
     via = report["path"] + (f" {report['endpoint']}" if report["endpoint"] else "")
@@ -186,7 +186,7 @@ def _ping(args: argparse.Namespace) -> int:
         for sequence in range(args.count):
             if sequence:
                 time.sleep(args.interval)
-            report = client.ping(args.peer, timeout=args.timeout)
+            report = client.ping(args.peer, timeout=args.timeout, ipv6=args.ipv6)
             print(render_ping(report), flush=True)
             if report["reply"] and report["rtt_ms"] is not None:
                 rtts.append(report["rtt_ms"])
@@ -212,6 +212,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
     ping = subparsers.add_parser("ping", help="ping a member through the mesh")
     ping.add_argument("peer", metavar="PEER", help="a trusted name, a public key or a mesh IP")
+    family = ping.add_mutually_exclusive_group()
+    family.add_argument(
+        "-4", dest="ipv6", action="store_false", default=None, help="ping the mesh IPv4 (default)"
+    )
+    family.add_argument(
+        "-6", dest="ipv6", action="store_true", help="ping the mesh IPv6 (default for an IPv6 PEER)"
+    )
     ping.add_argument("--count", "-c", type=int, default=1, help="pings to send (default 1)")
     ping.add_argument(
         "--timeout", type=float, default=2.0, help="seconds to wait for each reply (default 2)"

@@ -11,7 +11,7 @@ Protocol: newline-delimited JSON over a stream socket, one request at a time per
 
     → {"cmd": "status"}                      ← {"ok": true, "result": Status}
     → {"cmd": "peers"}                       ← {"ok": true, "result": [MemberStatus, ...]}
-    → {"cmd": "ping", "peer": "db1", "timeout": 2.0}
+    → {"cmd": "ping", "peer": "db1", "timeout": 2.0, "ipv6": false}
                                              ← {"ok": true, "result": PingReport}
     → {"cmd": "down"}                        ← {"ok": true, "result": {"stopping": true}}
     any failure                              ← {"ok": false, "error": "<one line>"}
@@ -121,6 +121,8 @@ class PingReport(PingResult):
     public_key: str
     mesh_ipv4: str
     mesh_ipv6: str
+    address: str
+    """The mesh address that was pinged (the member's IPv4 or IPv6)."""
 
 
 PingDone = Callable[[PingResult], None]
@@ -133,9 +135,11 @@ class StatusSource(Protocol):
         """A snapshot of this node and every member."""
         ...
 
-    def ping(self, public_key: bytes, timeout: float, done: PingDone) -> None:
-        """Start one ping of the member; call ``done`` exactly once, from any thread, when the
-        reply arrives or after ``timeout`` seconds. Must not block."""
+    def ping(
+        self, public_key: bytes, timeout: float, done: PingDone, *, ipv6: bool = False
+    ) -> None:
+        """Start one ping of the member's mesh IPv4 (or IPv6); call ``done`` exactly once,
+        from any thread, when the reply arrives or after ``timeout`` seconds. Must not block."""
         ...
 
     def shutdown(self) -> None:
@@ -167,6 +171,13 @@ def _peer_uid(sock: socket.socket) -> int:
 
 def _encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def _is_ipv6_literal(query: str) -> bool:
+    try:
+        return ipaddress.ip_address(query.strip()).version == 6
+    except ValueError:
+        return False
 
 
 def resolve_peer(query: str, members: list[MemberStatus]) -> MemberStatus:
@@ -383,6 +394,9 @@ class ControlServer:
             or not 0 < timeout <= MAX_PING_TIMEOUT
         ):
             raise ControlError(f"ping timeout must be seconds in (0, {MAX_PING_TIMEOUT:g}]")
+        ipv6 = request.get("ipv6", _is_ipv6_literal(peer))
+        if not isinstance(ipv6, bool):
+            raise ControlError("ping ipv6 must be true or false")
         member = resolve_peer(peer, self._source.status()["members"])
         finished = threading.Event()
 
@@ -395,6 +409,7 @@ class ControlServer:
                 public_key=member["public_key"],
                 mesh_ipv4=member["mesh_ipv4"],
                 mesh_ipv6=member["mesh_ipv6"],
+                address=member["mesh_ipv6" if ipv6 else "mesh_ipv4"],
                 reply=result["reply"],
                 rtt_ms=result["rtt_ms"],
                 path=result["path"],
@@ -410,7 +425,9 @@ class ControlServer:
 
         connection.waiting = True
         try:
-            self._source.ping(base64.b64decode(member["public_key"]), float(timeout), done)
+            self._source.ping(
+                base64.b64decode(member["public_key"]), float(timeout), done, ipv6=ipv6
+            )
         except BaseException:
             finished.set()
             connection.waiting = False
@@ -495,10 +512,13 @@ class ControlClient:
         result: list[MemberStatus] = self.request({"cmd": "peers"})
         return result
 
-    def ping(self, peer: str, timeout: float = 2.0) -> PingReport:
-        result: PingReport = self.request(
-            {"cmd": "ping", "peer": peer, "timeout": timeout}, wait=self.timeout + timeout
-        )
+    def ping(self, peer: str, timeout: float = 2.0, *, ipv6: bool | None = None) -> PingReport:
+        """Ping ``peer``'s mesh IPv4, or its IPv6 with ``ipv6`` (default: IPv6 only when
+        ``peer`` is an IPv6 address)."""
+        request: dict[str, Any] = {"cmd": "ping", "peer": peer, "timeout": timeout}
+        if ipv6 is not None:
+            request["ipv6"] = ipv6
+        result: PingReport = self.request(request, wait=self.timeout + timeout)
         return result
 
     def down(self) -> None:

@@ -14,6 +14,7 @@ import base64
 import contextlib
 import dataclasses
 import enum
+import functools
 import ipaddress
 import logging
 import os
@@ -196,15 +197,24 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
+MeshIp = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
+ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY = 128, 129
+_IPPROTO_ICMPV6 = 58
+
+
 def icmp_echo_request(
-    source: ipaddress.IPv4Address,
-    destination: ipaddress.IPv4Address,
-    identifier: int,
-    sequence: int,
-    payload: bytes,
+    source: MeshIp, destination: MeshIp, identifier: int, sequence: int, payload: bytes
 ) -> bytes:
-    """An IPv4 ICMP echo request packet, checksums filled in."""
-    icmp = struct.pack("!BBHHH", 8, 0, 0, identifier, sequence) + payload
+    """An ICMP (IPv4) or ICMPv6 (IPv6) echo request packet, checksums filled in."""
+    if isinstance(source, ipaddress.IPv6Address):
+        icmp = struct.pack("!BBHHH", ICMPV6_ECHO_REQUEST, 0, 0, identifier, sequence) + payload
+        pseudo = source.packed + destination.packed + struct.pack("!I3xB", len(icmp), 58)
+        icmp = icmp[:2] + struct.pack("!H", _checksum(pseudo + icmp)) + icmp[4:]
+        header = struct.pack("!IHBB", 6 << 28, len(icmp), _IPPROTO_ICMPV6, 64)
+        return header + source.packed + destination.packed + icmp
+    icmp = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, 0, identifier, sequence) + payload
     icmp = icmp[:2] + struct.pack("!H", _checksum(icmp)) + icmp[4:]
     header = struct.pack(
         "!BBHHHBBH4s4s",
@@ -215,11 +225,16 @@ def icmp_echo_request(
 
 
 def icmp_echo_reply_key(packet: bytes) -> tuple[bytes, int, int] | None:
-    """(source address, identifier, sequence) of an IPv4 ICMP echo reply; None otherwise."""
+    """(source address, identifier, sequence) of an ICMP or ICMPv6 echo reply; else None."""
+    if len(packet) >= 48 and packet[0] >> 4 == 6:
+        if packet[6] != _IPPROTO_ICMPV6 or packet[40] != ICMPV6_ECHO_REPLY:
+            return None
+        identifier, sequence = struct.unpack_from("!HH", packet, 44)
+        return packet[8:24], identifier, sequence
     if len(packet) < 28 or packet[0] >> 4 != 4 or packet[9] != 1:
         return None
     start = (packet[0] & 0x0F) * 4
-    if len(packet) < start + 8 or packet[start] != 0:
+    if len(packet) < start + 8 or packet[start] != ICMP_ECHO_REPLY:
         return None
     identifier, sequence = struct.unpack_from("!HH", packet, start + 4)
     return packet[12:16], identifier, sequence
@@ -256,7 +271,7 @@ class MeshCore:
         return self.take_ping_replies(self.node.tun_packets())
 
     def take_ping_replies(self, packets: list[bytes]) -> list[bytes]:
-        """Complete the pings these IPv4 packets answer; returns the other packets."""
+        """Complete the pings these packets answer; returns the other packets."""
         if not self.pings or not packets:
             return packets
         now = self.clock()
@@ -362,8 +377,9 @@ class MeshDaemon:
         self.saver: StateSaver
         self.external: ExternalWireGuard | None = None
         """The WireGuard implementation that owns the tunnels in uapi/kernel mode."""
-        self.icmp: socket.socket | None = None
-        """Raw ICMP socket for ``meshguard ping`` when the tunnel is not ours to read."""
+        self.icmp_sockets: dict[int, socket.socket] = {}
+        """Raw ICMP sockets by IP version, for ``meshguard ping`` when the tunnel is not ours
+        to read."""
         self.interface = settings.interface
         self.route_mtu: RelayRouteMtu | None = None
         """Clamps the route MTU of relayed members once the interface is configured."""
@@ -588,9 +604,12 @@ class MeshDaemon:
             counters=dict(sorted(self.node.traversal.counters.items())),
         )
 
-    def ping(self, public_key: bytes, timeout: float, done: control.PingDone) -> None:
-        """An ICMP echo request from this node's mesh IPv4 into the tunnel; the reply is
-        taken out of the Node's TUN output (``MeshCore.tun_packets``)."""
+    def ping(
+        self, public_key: bytes, timeout: float, done: control.PingDone, *, ipv6: bool = False
+    ) -> None:
+        """An ICMP (or ICMPv6) echo request from this node's mesh address into the tunnel;
+        the reply is taken out of the Node's TUN output (``MeshCore.tun_packets``), or from
+        a raw socket when an external WireGuard owns the tunnel."""
         now = time.monotonic()
         if public_key not in self.node.peer_keys():
             view = self.node.membership.member(public_key)
@@ -605,10 +624,11 @@ class MeshDaemon:
                 )
             )
             return
+        mesh_ip = mesh_ipv6 if ipv6 else mesh_ipv4
         self.ping_sequence = (self.ping_sequence + 1) & 0xFFFF
-        destination = mesh_ipv4(public_key)
+        destination = mesh_ip(public_key)
         packet = icmp_echo_request(
-            mesh_ipv4(self.identity.public_key),
+            mesh_ip(self.identity.public_key),
             destination,
             self.ping_identifier,
             self.ping_sequence,
@@ -616,11 +636,12 @@ class MeshDaemon:
         )
         key = (destination.packed, self.ping_identifier, self.ping_sequence)
         self.core.pings[key] = _Ping(public_key, now, now + timeout, done)
-        if self.icmp is None:
+        raw = self.icmp_sockets.get(destination.version)
+        if raw is None:
             self.node.send_packets([packet], now)
             return
         try:
-            self.icmp.sendto(packet[20:], (str(destination), 0))
+            raw.sendto(packet[40 if ipv6 else 20 :], (str(destination), 0))
         except OSError as error:
             del self.core.pings[key]
             done(
@@ -630,16 +651,21 @@ class MeshDaemon:
                 )
             )  # fmt: skip
 
-    def _on_icmp(self) -> None:
-        """Echo replies read from the raw ICMP socket (the external WireGuard delivered
-        them to the kernel, not to us)."""
-        assert self.icmp is not None
+    def _on_icmp(self, version: int) -> None:
+        """Echo replies read from a raw ICMP socket (the external WireGuard delivered them to
+        the kernel, not to us). IPv4 raw sockets hand over the IP header, IPv6 ones do not."""
+        raw = self.icmp_sockets[version]
         packets = []
         for _ in range(64):
             try:
-                packets.append(self.icmp.recv(65535))
+                data, source = raw.recvfrom(65535)
             except (BlockingIOError, InterruptedError):
                 break
+            if version == 6:
+                host = ipaddress.IPv6Address(source[0].split("%")[0])
+                header = struct.pack("!IHBB", 6 << 28, len(data), _IPPROTO_ICMPV6, 64)
+                data = header + host.packed + bytes(16) + data
+            packets.append(data)
         self.core.take_ping_replies(packets)
 
     def shutdown(self) -> None:
@@ -757,10 +783,15 @@ class MeshDaemon:
                 on_event=self.on_event,
             )
             stack.callback(self.plane.close)
-            self.icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-            self.icmp.setblocking(False)
-            stack.callback(self.icmp.close)
-            self.plane.add_reader(self.icmp.fileno(), self._on_icmp)
+            for version, family, protocol in (
+                (4, socket.AF_INET, socket.IPPROTO_ICMP),
+                (6, socket.AF_INET6, socket.IPPROTO_ICMPV6),
+            ):
+                raw = socket.socket(family, socket.SOCK_RAW, protocol)
+                raw.setblocking(False)
+                stack.callback(raw.close)
+                self.icmp_sockets[version] = raw
+                self.plane.add_reader(raw.fileno(), functools.partial(self._on_icmp, version))
             if self.wireguard_go is not None:
                 exited = os.pidfd_open(self.wireguard_go.process.pid)
                 stack.callback(os.close, exited)

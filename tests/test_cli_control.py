@@ -129,6 +129,7 @@ def test_render_ping() -> None:
         public_key="DDDD=",
         mesh_ipv4="10.99.1.2",
         mesh_ipv6="fd99:6d67::102",
+        address="10.99.1.2",
         reply=True,
         rtt_ms=0.4567,
         path="punched",
@@ -140,6 +141,8 @@ def test_render_ping() -> None:
     )
     lost = PingReport(**{**report, "reply": False, "rtt_ms": None, "detail": "no tunnel"})
     assert render_ping(lost) == "no reply from db1 (10.99.1.2): no tunnel"
+    over_ipv6 = PingReport(**{**report, "address": "fd99:6d67::102"})
+    assert render_ping(over_ipv6).startswith("reply from db1 (fd99:6d67::102) via punched")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -191,7 +194,10 @@ def test_ping_command_counts_and_exit_status(
         ]
     )
 
-    def answer(public_key: bytes, timeout: float, done: object) -> None:
+    families: list[bool] = []
+
+    def answer(public_key: bytes, timeout: float, done: object, *, ipv6: bool = False) -> None:
+        families.append(ipv6)
         threading.Thread(target=done, args=(next(answers),)).start()  # type: ignore[arg-type]
 
     daemon.ping = answer  # type: ignore[method-assign]
@@ -209,6 +215,18 @@ def test_ping_command_counts_and_exit_status(
     answers = iter([PingResult(reply=False, rtt_ms=None, path="-", endpoint=None, detail="")])
     args = _parse(["--config-dir", str(tmp_path), "ping", "db1"])
     assert args.handler(args) == 1
+
+    ipv6 = daemon.members[0]["mesh_ipv6"]
+    answers = iter([PingResult(reply=True, rtt_ms=2.0, path="direct", endpoint=None, detail="")])
+    args = _parse(["--config-dir", str(tmp_path), "ping", "-6", "db1"])
+    assert args.handler(args) == 0
+    answers = iter([PingResult(reply=True, rtt_ms=2.0, path="direct", endpoint=None, detail="")])
+    args = _parse(["--config-dir", str(tmp_path), "ping", ipv6])
+    assert args.handler(args) == 0
+    assert families == [False, False, False, False, True, True]
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"reply from db1 ({ipv6}) via direct: time=2.00 ms"
+    )
 
 
 def test_commands_without_a_daemon_fail_in_one_line(tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ class FakeDaemon:
         self.members = members
         self.stopping = False
         self.pings: list[tuple[bytes, float, PingDone]] = []
+        self.ipv6: list[bool] = []
         self.fail_status = False
 
     def status(self) -> Status:
@@ -76,8 +77,11 @@ class FakeDaemon:
             members=self.members,
         )
 
-    def ping(self, public_key: bytes, timeout: float, done: PingDone) -> None:
+    def ping(
+        self, public_key: bytes, timeout: float, done: PingDone, *, ipv6: bool = False
+    ) -> None:
         self.pings.append((public_key, timeout, done))
+        self.ipv6.append(ipv6)
 
     def shutdown(self) -> None:
         self.stopping = True
@@ -283,6 +287,7 @@ def test_ping_completes_from_another_thread(
             "public_key": members[0]["public_key"],
             "mesh_ipv4": members[0]["mesh_ipv4"],
             "mesh_ipv6": members[0]["mesh_ipv6"],
+            "address": members[0]["mesh_ipv4"],
             "reply": True,
             "rtt_ms": 0.42,
             "path": "direct",
@@ -290,6 +295,25 @@ def test_ping_completes_from_another_thread(
             "detail": "",
         }
         assert client.status()["members"] == members
+        assert daemon.ipv6 == [False]
+
+
+def test_ping_of_a_mesh_ipv6_goes_over_ipv6(
+    tmp_path: Path, served: ControlServer, daemon: FakeDaemon, members: list[MemberStatus]
+) -> None:
+    def answer_when_asked() -> None:
+        while not daemon.pings:
+            threading.Event().wait(0.01)
+        done = daemon.pings[0][2]
+        done(PingResult(reply=True, rtt_ms=0.5, path="direct", endpoint=None, detail=""))
+
+    answerer = threading.Thread(target=answer_when_asked)
+    answerer.start()
+    with ControlClient(tmp_path) as client:
+        report = client.ping(members[0]["mesh_ipv6"], timeout=1.5)
+        answerer.join()
+    assert daemon.ipv6 == [True]
+    assert report["address"] == members[0]["mesh_ipv6"]
 
 
 def test_requests_behind_a_pending_ping_wait_their_turn(
@@ -335,6 +359,7 @@ def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(
             ({"cmd": "ping", "peer": "db1", "timeout": 0}, "ping timeout must be seconds"),
             ({"cmd": "ping", "peer": "db1", "timeout": True}, "ping timeout must be seconds"),
             ({"cmd": "ping", "peer": "nobody"}, "no member matches 'nobody'"),
+            ({"cmd": "ping", "peer": "db1", "ipv6": "yes"}, "ping ipv6 must be true or false"),
         ]
         for request, error in requests:
             with pytest.raises(ControlError, match=error.replace("(", r"\(").replace(")", r"\)")):
@@ -368,7 +393,7 @@ def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(
 def test_a_ping_that_fails_to_start_does_not_wedge_the_connection(
     tmp_path: Path, served: ControlServer, daemon: FakeDaemon
 ) -> None:
-    def broken(public_key: bytes, timeout: float, done: PingDone) -> None:
+    def broken(public_key: bytes, timeout: float, done: PingDone, *, ipv6: bool) -> None:
         raise OSError("no route")
 
     daemon.ping = broken  # type: ignore[method-assign]

@@ -74,6 +74,20 @@ def test_echo_reply_is_matched_by_source_identifier_and_sequence() -> None:
     assert icmp_echo_reply_key(udp) is None
 
 
+def test_echo_request_is_a_valid_icmpv6_packet_and_its_reply_matches() -> None:
+    source, destination = ipaddress.IPv6Address("fd99:6d67::1"), ipaddress.IPv6Address("fd99::2")
+    packet = icmp_echo_request(source, destination, 0x1234, 7, b"payload")
+    assert packet[0] >> 4 == 6 and packet[6] == 58
+    assert struct.unpack_from("!H", packet, 4)[0] == len(packet) - 40
+    assert (packet[8:24], packet[24:40]) == (source.packed, destination.packed)
+    pseudo = source.packed + destination.packed + struct.pack("!I3xB", len(packet) - 40, 58)
+    assert _checksum(pseudo + packet[40:]) == 0
+    assert packet[40] == 128 and struct.unpack_from("!HH", packet, 44) == (0x1234, 7)
+    assert icmp_echo_reply_key(packet) is None
+    reply = packet[:40] + b"\x81" + packet[41:]
+    assert icmp_echo_reply_key(reply) == (source.packed, 0x1234, 7)
+
+
 def test_path_names_follow_the_control_protocol() -> None:
     named = {"direct": "direct", "punched": "punched", "relayed": "relayed"}
     for kind in PathKind:

@@ -285,6 +285,10 @@ def test_meshguard_ping_reports_path_and_rtt(mesh: Mesh) -> None:
     out = mesh.hosts["h1"].cli("ping", "h4", "--count", "2", "--interval", "0.1").stdout
     assert f"reply from h4 ({mesh.hosts['h4'].ipv4}) via direct {mesh.hosts['h4'].endpoint}" in out
     assert "2 sent, 2 received, 0% loss" in out
+    h4 = mesh.hosts["h4"]
+    out = mesh.hosts["h1"].cli("ping", "-6", "h4", "--count", "2", "--interval", "0.1").stdout
+    assert f"reply from h4 ({h4.ipv6}) via direct {h4.endpoint}" in out
+    assert "2 sent, 2 received, 0% loss" in out
 
 
 def test_metrics_are_served(mesh: Mesh) -> None:

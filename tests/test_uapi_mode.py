@@ -149,6 +149,9 @@ def test_meshguard_ping_uses_raw_icmp(hosts: dict[str, Host]) -> None:
     proc = u1.cli("ping", u2.public_key)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "direct" in proc.stdout and "ms" in proc.stdout
+    proc = u1.cli("ping", u2.ipv6)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"({u2.ipv6}) via direct" in proc.stdout
 
 
 def test_exit_stops_wireguard_go_and_removes_its_socket(hosts: dict[str, Host]) -> None:
