@@ -806,24 +806,6 @@ def test_the_punch_target_opens_its_nat_and_waits_for_the_initiator() -> None:
     assert after and after[0] > full_before, "no full-TTL probes after opening_wait"
 
 
-def test_a_member_we_have_not_heard_from_gets_membership_datagrams_with_a_small_ttl() -> None:
-    """Until a NATed member has sent us something from an address, SWIM's datagrams to it
-    there are TTL-limited too; once it did (or a path is confirmed) they go at full TTL."""
-    net = _bare_masquerade_net()
-    net.join_all()
-    net.run_until(1.0)
-    traversal = net.nodes[1].traversal
-    peer = net.keys[2]
-    assert peer in traversal.paths()
-    address = (net.box_of[2].public_ip, PORT) if net.box_of[2] else net.where[2]
-    if traversal.paths()[peer].kind is PathKind.CONNECTING:
-        assert traversal.opening_ttl(peer, ("203.0.113.99", 4000)) == 2
-    traversal.heard(peer, address)
-    assert traversal.opening_ttl(peer, address) is None
-    assert traversal.opening_ttl(net.keys[0], net.where[0]) is None
-    assert traversal.opening_ttl(b"\x07" * 32, address) is None
-
-
 def test_a_punch_that_came_too_early_is_answered_once_the_initiator_is_known() -> None:
     """The initiator learned of the target first; its PunchRequest reached a target that
     did not know it yet (refused). When the initiator's record reaches the target, the
@@ -853,10 +835,10 @@ def test_a_punch_that_came_too_early_is_answered_once_the_initiator_is_known() -
 class LoneTraversal:
     """One ``Traversal`` driven by hand: datagrams are pickled (peer, message) pairs."""
 
-    def __init__(self, own: bytes) -> None:
+    def __init__(self, own: bytes, config: TraversalConfig | None = None) -> None:
         self.traversal = Traversal(
             own,
-            config=TraversalConfig(),
+            config=config or TraversalConfig(),
             rng=random.Random(3),
             seal=lambda peer, message: pickle.dumps((peer, message)),
             open_datagram=lambda data: None,
@@ -936,3 +918,50 @@ def test_a_deferred_punch_waits_for_the_members_punch_that_is_running() -> None:
     lone.run_until(7.6)
     assert traversal.paths()[member].kind is PathKind.RELAYED
     assert traversal.counters["punch_requests_sent"] == 0
+
+
+def test_probes_and_datagrams_to_a_member_not_heard_from_carry_the_opening_ttl() -> None:
+    """Toward a member of unknown NAT that we have not heard from, the direct check sends
+    opening probes (TTL 2) and ``opening_ttl`` tells the node to send SWIM's datagrams the
+    same way; once the member's datagram arrived from that address, full TTL, and the path
+    its answer confirms counts as punched (its NAT opened toward us)."""
+    member, own = b"\x05" * 32, b"\x09" * 32
+    lone = LoneTraversal(own)
+    traversal = lone.traversal
+    mapping, lan = ("198.51.104.1", PORT), ("192.168.5.2", PORT)
+    endpoints = [Endpoint(*mapping), Endpoint(*lan)]
+    traversal.add_member(member, endpoints, NatInfo(), 0.0)
+    first = [(addr, ttl) for m, addr, ttl in lone.drain() if isinstance(m, PunchProbe)]
+    assert first == [(mapping, 2), (lan, 2)]
+    assert traversal.opening_ttl(member, mapping) == 2
+    assert traversal.opening_ttl(b"\x07" * 32, mapping) is None, "not a member"
+
+    traversal.heard(member, mapping)
+    assert traversal.opening_ttl(member, mapping) is None
+    assert traversal.opening_ttl(member, lan) == 2
+    lone.run_until(0.2)
+    second = [(addr, ttl) for m, addr, ttl in lone.sent[len(first) :] if isinstance(m, PunchProbe)]
+    assert sorted(second, key=str) == sorted([(mapping, None), (lan, 2)], key=str)
+    probe = next(m for m, addr, ttl in lone.sent if ttl is None and isinstance(m, PunchProbe))
+    traversal.on_message(member, PunchProbe(probe.session, probe.seq, True), mapping, 0.21)
+    assert traversal.paths()[member].kind is PathKind.PUNCHED
+    assert traversal.opening_ttl(member, lan) is None, "the path is confirmed"
+
+
+@pytest.mark.parametrize(
+    ("nat", "config"),
+    [
+        (NatInfo(mapping=NatMapping.NONE), TraversalConfig()),
+        (NatInfo(filtering=NatFiltering.ENDPOINT_INDEPENDENT), TraversalConfig()),
+        (NatInfo(), TraversalConfig(opening_ttl=0)),
+    ],
+    ids=["public", "open-filtering", "turned-off"],
+)
+def test_no_opening_ttl_toward_a_member_whose_nat_lets_us_in(
+    nat: NatInfo, config: TraversalConfig
+) -> None:
+    lone = LoneTraversal(b"\x09" * 32, config)
+    lone.traversal.add_member(b"\x05" * 32, [Endpoint("198.51.104.1", PORT)], nat, 0.0)
+    assert all(ttl is None for _, _, ttl in lone.drain())
+    assert lone.traversal.opening_ttl(b"\x05" * 32, ("198.51.104.1", PORT)) is None
+    assert lone.traversal.counters["opening_probes_sent"] == 0
