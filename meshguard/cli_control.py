@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from meshguard.config import config_paths
-from meshguard.control import ControlClient, MemberStatus, PingReport, Status, socket_path
+from meshguard.control import (
+    ControlClient,
+    MemberStatus,
+    PingReport,
+    StaticPeerStatus,
+    Status,
+    socket_path,
+)
 from meshguard.errors import UserError
 
 MEMBER_STATES = ("alive", "suspect", "dead", "left")
@@ -68,8 +75,10 @@ def _sorted_members(members: Sequence[MemberStatus]) -> list[MemberStatus]:
 
 
 def render_status(status: Status, now: float) -> str:
-    """The ``meshguard status`` text: this node, then one line per member."""
+    """The ``meshguard status`` text: this node, one line per member, then the static
+    WireGuard peers of the settings, if any."""
     node, members = status["node"], status["members"]
+    static = render_static_peers(status.get("static_peers", []), now)
     states = Counter(member["state"] for member in members)
     counts = ", ".join(f"{states[state]} {state}" for state in MEMBER_STATES if states[state])
     summary = [
@@ -80,7 +89,7 @@ def render_status(status: Status, now: float) -> str:
         f"members:   {len(members)}" + (f" ({counts})" if counts else ""),
     ]
     if not members:
-        return "\n".join(summary)
+        return "\n".join(summary) + static
     header = ("NAME", "KEY", "MESH IPV4", "MESH IPV6", "ENDPOINT", "PATH", "STATE", "HANDSHAKE",
               "RX", "TX")  # fmt: skip
     rows = [
@@ -98,7 +107,26 @@ def render_status(status: Status, now: float) -> str:
         )
         for member in _sorted_members(members)
     ]
-    return "\n".join(summary) + "\n\n" + render_table(header, rows)
+    return "\n".join(summary) + "\n\n" + render_table(header, rows) + static
+
+
+def render_static_peers(peers: Sequence[StaticPeerStatus], now: float) -> str:
+    """The static ``[[wireguard_peer]]`` table of ``status`` ("" when there are none)."""
+    if not peers:
+        return ""
+    header = ("STATIC WIREGUARD PEER", "ALLOWED IPS", "ENDPOINT", "HANDSHAKE", "RX", "TX")
+    rows = [
+        (
+            peer["public_key"],
+            ", ".join(peer["allowed_ips"]) or "-",
+            peer["endpoint"] or "-",
+            format_handshake(peer["last_handshake"], now),
+            format_bytes(peer["rx_bytes"]),
+            format_bytes(peer["tx_bytes"]),
+        )
+        for peer in sorted(peers, key=lambda p: p["public_key"])
+    ]
+    return "\n\n" + render_table(header, rows)
 
 
 def render_peers(peers: Sequence[MemberStatus], now: float) -> str:

@@ -94,9 +94,23 @@ class MemberStatus(TypedDict):
     tx_bytes: int
 
 
+class StaticPeerStatus(TypedDict):
+    """A ``[[wireguard_peer]]`` from the settings: plain WireGuard, outside the mesh."""
+
+    public_key: str
+    """Base64 X25519 (WireGuard) public key."""
+    allowed_ips: list[str]
+    endpoint: str | None
+    last_handshake: float | None
+    """Wall-clock seconds of the latest handshake, None before the first."""
+    rx_bytes: int
+    tx_bytes: int
+
+
 class Status(TypedDict):
     node: NodeStatus
     members: list[MemberStatus]
+    static_peers: NotRequired[list[StaticPeerStatus]]
     counters: NotRequired[dict[str, int]]
     """Hole punching and relay counters (``relay_forwarded``, ``punch_succeeded``, ...)."""
 

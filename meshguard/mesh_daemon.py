@@ -601,8 +601,36 @@ class MeshDaemon:
                 uptime=time.monotonic() - self.started,
             ),
             members=members,
+            static_peers=self._static_peer_status(external),
             counters=dict(sorted(self.node.traversal.counters.items())),
         )
+
+    def _static_peer_status(
+        self, external: dict[bytes, ExternalPeerStats]
+    ) -> list[control.StaticPeerStatus]:
+        """The ``[[wireguard_peer]]`` entries with what the WireGuard device knows of them."""
+        rows = []
+        for peer in self.settings.wireguard_peers:
+            if self.external is not None:
+                found = external.get(peer.public_key)
+                endpoint = None if found is None else found.endpoint
+                last_handshake = None if found is None else found.last_handshake
+                rx, tx = (0, 0) if found is None else (found.rx_bytes, found.tx_bytes)
+            else:
+                stats = self.node.device.peer_stats(peer.public_key)
+                endpoint, last_handshake = _address_text(stats.endpoint), stats.last_handshake
+                rx, tx = stats.rx_bytes, stats.tx_bytes
+            rows.append(
+                control.StaticPeerStatus(
+                    public_key=_key_text(peer.public_key),
+                    allowed_ips=[str(network) for network in peer.allowed_ips],
+                    endpoint=endpoint,
+                    last_handshake=last_handshake,
+                    rx_bytes=rx,
+                    tx_bytes=tx,
+                )
+            )
+        return rows
 
     def ping(
         self, public_key: bytes, timeout: float, done: control.PingDone, *, ipv6: bool = False

@@ -25,6 +25,7 @@ from meshguard.control import (
     MemberStatus,
     PingReport,
     PingResult,
+    StaticPeerStatus,
     Status,
     socket_path,
 )
@@ -108,6 +109,26 @@ def test_render_status() -> None:
     )
     alone = render_status(Status(node=STATUS["node"], members=[]), NOW)
     assert alone.endswith("members:   0")
+
+
+def test_render_status_lists_static_wireguard_peers() -> None:
+    static = StaticPeerStatus(
+        public_key="SSSS=",
+        allowed_ips=["10.7.0.0/16", "fd07::/64"],
+        endpoint="198.51.100.7:51820",
+        last_handshake=NOW - 75,
+        rx_bytes=1536,
+        tx_bytes=0,
+    )
+    text = render_status(Status(node=STATUS["node"], members=[], static_peers=[static]), NOW)
+    assert text.splitlines()[-3:] == [
+        "",
+        "STATIC WIREGUARD PEER  ALLOWED IPS             ENDPOINT            HANDSHAKE  RX"
+        "        TX",
+        "SSSS=                  10.7.0.0/16, fd07::/64  198.51.100.7:51820  1m15s ago  1.50 KiB"
+        "  0 B",
+    ]
+    assert render_status({**STATUS, "static_peers": []}, NOW) == render_status(STATUS, NOW)
 
 
 def test_render_peers() -> None:

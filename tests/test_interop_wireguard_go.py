@@ -7,6 +7,7 @@ Then the same with meshguard on both sides.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from tests.dataplane_lab import (
     MeshguardNode,
     WireGuardGoNode,
+    meshguard_cli,
     ping,
     psk,
     tcp_transfer,
@@ -83,6 +85,13 @@ def test_handshake_when_meshguard_initiates(
     assert wgo.latest_handshake() > 0
     assert mg.handshakes() == 1
     _assert_pings(mg_host, wg_host, wgo.ipv4, wgo.ipv6, mg.ipv4, mg.ipv6)
+    (static,) = json.loads(meshguard_cli(mg.directory, "status", "--json"))["static_peers"]
+    assert static["public_key"] == wgo.public_key
+    assert static["allowed_ips"] == [f"{wgo.ipv4}/32", f"{wgo.ipv6}/128"]
+    assert static["endpoint"] == wgo.endpoint
+    assert static["last_handshake"] is not None and static["rx_bytes"] > 0
+    text = meshguard_cli(mg.directory, "status")
+    assert "STATIC WIREGUARD PEER" in text and wgo.public_key in text
 
 
 def test_handshake_when_wireguard_go_initiates(
