@@ -24,6 +24,7 @@ KNOWN_STATES = ("ALIVE", "SUSPECT")
 
 _ADD_EVENTS = frozenset(("MemberJoined", "MemberAlive", "MemberSuspected"))
 _REMOVE_EVENTS = frozenset(("MemberDead", "MemberLeft", "MemberReaped", "MemberUntrusted"))
+_ACCUSATION_EVENTS = frozenset(("MemberSuspected", "MemberDead"))
 
 
 class MemberViewLike(Protocol):
@@ -272,39 +273,48 @@ class MembershipTracker:
         own_key = self.keys[observer]
         observer_number = self.numbers[observer]
         known = self.known[observer]
-        target = len(self.live) - 1
+        seen = self.incarnations[observer]
+        live = self.live
+        names = self.names
+        key_numbers = self._key_numbers
+        counts = self.event_counts
+        interval_events = self._interval_events
+        observation = self.trace.observation
+        target = len(live) - 1
         for event in events:
             kind = type(event).__name__
-            self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
+            counts[kind] = counts.get(kind, 0) + 1
             key: bytes | None = getattr(event, "public_key", None)
             if key is None:
                 continue
-            subject = self.names.get(key)
-            if subject is None:
-                subject = key.hex()[:12]
-            self.trace.observation(now, observer_number, kind, self._key_numbers.get(key, -1))
+            observation(now, observer_number, kind, key_numbers.get(key, -1))
             if key == own_key:
                 continue
-            if kind in self._interval_events:
-                self._interval_events[kind] += 1
-            self._check_incarnation(observer, key, now, getattr(event, "incarnation", None))
-            subject_live = subject in self.live
-            if kind in ("MemberSuspected", "MemberDead") and subject_live:
+            subject = names.get(key)
+            if subject is None:
+                subject = key.hex()[:12]
+            if kind in interval_events:
+                interval_events[kind] += 1
+            incarnation: int | None = getattr(event, "incarnation", None)
+            self._check_incarnation(observer, seen, key, now, incarnation)
+            subject_live = subject in live
+            if subject_live and kind in _ACCUSATION_EVENTS:
                 if subject in self.ever_crashed:
                     self.accusations_of_restarted += 1
                 else:
                     episodes = (self.false_suspicions if kind == "MemberSuspected"
                                 else self.false_deaths)
-                    episode = (key, getattr(event, "incarnation", 0))
+                    episode = (key, incarnation or 0)
                     episodes[episode] = episodes.get(episode, 0) + 1
-            record = self._open_crashes.get(subject)
-            if record is not None:
-                if kind == "MemberSuspected" and record.first_suspicion is None:
-                    record.first_suspicion = now
-                if kind in _REMOVE_EVENTS:
-                    if kind == "MemberDead" and record.first_death is None:
-                        record.first_death = now
-                    self._settle_observer(record, observer, now)
+            if self._open_crashes:
+                record = self._open_crashes.get(subject)
+                if record is not None:
+                    if kind == "MemberSuspected" and record.first_suspicion is None:
+                        record.first_suspicion = now
+                    if kind in _REMOVE_EVENTS:
+                        if kind == "MemberDead" and record.first_death is None:
+                            record.first_death = now
+                        self._settle_observer(record, observer, now)
             if kind in _ADD_EVENTS:
                 if key not in known:
                     known.add(key)
@@ -322,25 +332,23 @@ class MembershipTracker:
         after = self.hits[observer] == target
         self.full += int(after) - int(before)
 
-    def _check_incarnation(self, observer: str, key: bytes, now: float,
+    def _check_incarnation(self, observer: str, seen: dict[bytes, int], key: bytes, now: float,
                            incarnation: int | None) -> None:
         """The incarnation an event reports is the member's incarnation in the observer's
         table at that moment (the core sets both together), so the event alone is checked;
-        reading the table back per event would cost a lookup per event."""
-        seen = self.incarnations[observer]
+        reading the table back per event would cost a lookup per event. ``seen`` is what
+        ``observer`` reported before."""
         if incarnation is None:
             seen.pop(key, None)  # reaped or untrusted: the core forgot the member
             return
         previous = seen.get(key)
-        if previous is None:
+        if previous is None or incarnation > previous:
             seen[key] = incarnation
         elif incarnation < previous:
-            subject = self.names.get(key, key.hex()[:12])
+            subject = self.names.get(key) or key.hex()[:12]
             self.violations.append(Violation(
                 now, "incarnations never go backwards",
                 f"{observer} saw {subject} go from incarnation {previous} to {incarnation}"))
-        else:
-            seen[key] = incarnation
 
     def check_views(self, now: float, tables: dict[str, MembershipTable]) -> None:
         """Each live core's own table must agree with the view built from its events."""
