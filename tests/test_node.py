@@ -314,9 +314,14 @@ LAN_HOST = "192.168.1.2"
 
 
 PUBLIC = NatInfo(NatMapping.NONE, NatFiltering.ENDPOINT_INDEPENDENT)
-SYMMETRIC = NatInfo(
-    NatMapping.ADDRESS_AND_PORT_DEPENDENT, NatFiltering.ADDRESS_AND_PORT_DEPENDENT
-)
+
+
+def nat_facts(kind: str) -> NatInfo:
+    """What a node behind a simulated NAT of ``kind`` would have measured about it."""
+    behaviour = NAT_TYPES[kind]
+    return NatInfo(
+        NatMapping[behaviour.mapping.name], NatFiltering[behaviour.filtering.name]
+    )
 
 
 class SiteMesh:
@@ -327,9 +332,13 @@ class SiteMesh:
     by STUN and advertise only ``LAN_HOST``.
     """
 
-    def __init__(self, public: int, sites: list[str], *, latency: float = 0.01) -> None:
+    def __init__(
+        self, public: int, sites: list[str], *, latency: float = 0.01, public_latency: float = 0.01
+    ) -> None:
         self.now = 0.0
         self.latency = latency
+        self.public_latency = public_latency
+        """One-way delay of datagrams to or from a public node."""
         self.public: list[Address] = [(f"198.51.100.{i + 1}", PORT) for i in range(public)]
         self.nats = [
             Nat(f"nat{i}", f"203.0.113.{i + 1}", NAT_TYPES[kind], random.Random(i))
@@ -346,10 +355,11 @@ class SiteMesh:
         self.nodes: list[Node] = []
         for i in range(size):
             identity = Identity.from_seed(hashlib.sha256(f"site-test:{i}".encode()).digest())
-            behind_nat = self.site_of[i] is not None
+            site = self.site_of[i]
             config = NodeConfig(
-                swim=SwimConfig.lan(), nat=SYMMETRIC if behind_nat else PUBLIC,
-                allow_relay=not behind_nat,
+                swim=SwimConfig.lan(),
+                nat=PUBLIC if site is None else nat_facts(sites[site]),
+                allow_relay=site is None,
             )
             self.nodes.append(
                 Node(
@@ -380,28 +390,31 @@ class SiteMesh:
         """Through the sender's NAT, across the Internet, through the receiver's NAT."""
         packet = Packet(self.local_address(source), destination, data)
         site = self.site_of[source]
+        delay = self.latency
+        if site is None or destination in self.public:
+            delay = self.public_latency
         if site is not None:
             forwarded = self.nats[site].forward(packet, self.now)
             if forwarded is None:
                 return
             if forwarded.dst[0] == LAN_HOST:
-                self._enqueue(forwarded, self._deliver_to(forwarded.dst, site))
+                self._enqueue(forwarded, self._deliver_to(forwarded.dst, site), delay)
                 return
             packet = forwarded
         for index, nat in enumerate(self.nats):
             if packet.dst[0] == nat.public_ip:
                 inbound = nat.forward(packet, self.now)
                 if inbound is not None:
-                    self._enqueue(inbound, self._deliver_to(inbound.dst, index))
+                    self._enqueue(inbound, self._deliver_to(inbound.dst, index), delay)
                 return
-        self._enqueue(packet, self._deliver_to(packet.dst, None))
+        self._enqueue(packet, self._deliver_to(packet.dst, None), delay)
 
-    def _enqueue(self, packet: Packet, receiver: int | None) -> None:
+    def _enqueue(self, packet: Packet, receiver: int | None, delay: float) -> None:
         if receiver is not None:
             self.order += 1
             heapq.heappush(
                 self.in_flight,
-                (self.now + self.latency, self.order, packet.data, packet.src, receiver),
+                (self.now + delay, self.order, packet.data, packet.src, receiver),
             )
 
     def flush(self, index: int) -> None:
@@ -515,3 +528,17 @@ def test_nat_detection_runs_again_when_the_public_mapping_changes() -> None:
     own = node.membership.member(identity.public_key)
     assert own is not None and own.nat.mapping is second[0].report.nat.mapping
     assert Endpoint("198.51.100.99", 41000) in own.endpoints
+
+
+def test_a_punch_answered_before_its_response_arrives_is_punched_both_ways() -> None:
+    """A full-cone member punches toward one behind a per-destination NAT with random
+    ports, through a far public rendezvous. The other member's probes arrive before the
+    forwarded PunchResponse: the full-cone side must probe back at once, or the other side
+    sees a punched path while the full-cone side falls back to a relay (its probes to the
+    response's candidates and predicted ports cannot pass a random per-destination NAT)."""
+    for sites in (["full_cone", "symmetric_random"], ["symmetric_random", "full_cone"]):
+        mesh = SiteMesh(2, sites, public_latency=0.05)
+        mesh.join_all()
+        mesh.run_until(30.0)
+        kinds = {mesh.nodes[i].paths()[mesh.keys[j]].kind for i, j in ((2, 3), (3, 2))}
+        assert kinds <= {PathKind.DIRECT, PathKind.PUNCHED}, (sites, kinds)
