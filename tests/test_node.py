@@ -542,3 +542,15 @@ def test_a_punch_answered_before_its_response_arrives_is_punched_both_ways() -> 
         mesh.run_until(30.0)
         kinds = {mesh.nodes[i].paths()[mesh.keys[j]].kind for i, j in ((2, 3), (3, 2))}
         assert kinds <= {PathKind.DIRECT, PathKind.PUNCHED}, (sites, kinds)
+
+
+def test_joining_members_behind_nats_are_probed_through_a_relay_before_their_paths_exist() -> None:
+    """Six members behind random per-destination NATs join at once: for seconds no pair of
+    them has a path (checks, then punches that fail, then relays), and SWIM's helpers have
+    none either. Membership datagrams to a member without a path also go through a public
+    relay, so none of them is suspected meanwhile."""
+    mesh = SiteMesh(1, ["symmetric_random"] * 6)
+    mesh.join_all()
+    mesh.run_until(20.0)
+    assert mesh.suspicions() == []
+    assert mesh.nodes[0].traversal.counters["relay_forwarded"] > 0

@@ -435,7 +435,7 @@ class Node:
                 routed.append((data, destination))
             else:
                 limited.append((data, destination, ttl))
-            if destination == addr and addr not in self._seed_addresses:
+            if addr not in self._seed_addresses:
                 interim = self.traversal.interim_relay(key)
                 if interim is not None:
                     routed.append((data, interim))
@@ -458,19 +458,22 @@ class Node:
         """Where a membership datagram sealed for member ``key`` goes: along the member's
         path (direct, punched, or its virtual relay address), else where SWIM addressed it.
 
-        Without a path, a copy also goes through a relay (``Traversal.interim_relay``).
-        SWIM's address is kept when the member's latest datagram came from it (its NAT
-        rebound, say: the path follows only when the tunnel's traffic roams), and when it
-        is a seed address the member does not advertise: a hello to an unknown seed is
-        sealed for every trusted key, and is meant for whoever is at that address, not for
-        the members those keys belong to.
+        Without a path it goes where the member's latest authenticated datagram came from
+        (SWIM may not know that yet: a joiner's first datagram arrives before its record),
+        else to SWIM's address, and a copy goes through a relay (``interim_relay``). With a
+        path, SWIM's address is kept when the member's latest datagram came from it (its
+        NAT rebound, say: the path follows only when the tunnel's traffic roams). A seed
+        address the member does not advertise is kept in any case: a hello to an unknown
+        seed is sealed for every trusted key, and is meant for whoever is at that address,
+        not for the members those keys belong to.
         """
         if addr in self._seed_addresses and not self._advertises(key, addr):
             return addr
         destination = self.traversal.destination(key)
-        if destination is None or (
-            addr == self._heard_from.get(key) and not is_virtual(destination)
-        ):
+        heard = self._heard_from.get(key)
+        if destination is None:
+            return addr if heard is None else heard
+        if addr == heard and not is_virtual(destination):
             return addr
         return destination
 
