@@ -580,22 +580,22 @@ def _read_updates(reader: _Reader) -> tuple[Update, ...]:
     count = reader.count(MAX_UPDATES, "updates")
     data = reader.data
     size = len(data)
-    cache = _decoded_records
+    get = _decoded_records.get
+    shape_at = 1 + _RECORD_ENDPOINT_COUNT_AT
+    span = 1 + _ONE_IPV4_RECORD_SIZE
     updates: list[Update] = []
+    pos = reader.pos
     for _ in range(count):
-        pos = reader.pos
-        if (
-            pos < size
-            and data[pos] == _ALIVE_TAG
-            and data.startswith(_ONE_IPV4, pos + 1 + _RECORD_ENDPOINT_COUNT_AT)
-        ):
-            end = pos + 1 + _ONE_IPV4_RECORD_SIZE
-            cached = cache.get(data[pos + 1 : end])
+        if pos < size and data[pos] == _ALIVE_TAG and data.startswith(_ONE_IPV4, pos + shape_at):
+            cached = get(data[pos + 1 : pos + span])
             if cached is not None:
-                reader.pos = end
+                pos += span
                 updates.append(cached)
                 continue
+        reader.pos = pos
         updates.append(_read_update(reader))
+        pos = reader.pos
+    reader.pos = pos
     return tuple(updates)
 
 
