@@ -67,10 +67,11 @@ CONNECTED_BOUND = 90.0
 Membership itself converges slowly across these NATs: a member has been seen to learn of
 another only 22 s after both started, and all pairs were connected 34-47 s after the start."""
 TRANSFER = 2_000_000
-MTU = 1280
-"""The lowest tunnel MTU settings allow: a relayed datagram (1280 + 32 WireGuard + 156 envelope
-bytes + 28 IPv4/UDP = 1496) then fits the 1500-byte path unfragmented. At 1420 relayed datagrams
-are IP fragments and bursts of them lose ~20% on the sending host (TCP crawls)."""
+MTU = 1420
+"""The default tunnel MTU. Relayed members get host routes with MTU 1280, so a relayed
+datagram (1280 + 32 WireGuard + 156 envelope bytes + 28 IPv4/UDP = 1496; WireGuard's padding
+to 16 bytes rules out 1284) is never fragmented; the wan router counts IP fragments to prove
+it."""
 
 
 def public_ip(name: str) -> str:
@@ -120,7 +121,7 @@ class Mesh:
         return int(match.group(1))
 
     def counters(self) -> dict[str, int]:
-        return {name: self.counter(name) for name in COUNTERS}
+        return {name: self.counter(name) for name in (*COUNTERS, "fragments")}
 
 
 COUNTERS = {
@@ -188,6 +189,11 @@ def _watch_wan(wan: Namespace) -> None:
         wan,
         "table ip watch {\n"
         f"{counters}"
+        "  counter fragments {}\n"
+        "  chain before_defrag {\n"
+        "    type filter hook prerouting priority -500; policy accept;\n"
+        "    ip frag-off & 0x3fff != 0 counter name fragments\n"
+        "  }\n"
         "  chain forward {\n"
         "    type filter hook forward priority 0; policy accept;\n"
         f"{rules}"
@@ -373,6 +379,9 @@ def test_symmetric_nats_are_relayed_through_r_and_carry_traffic(mesh: Mesh) -> N
     relayed = mesh.hosts["R"].status()["counters"]["relay_forwarded_bytes"] - relayed_before
     assert relayed >= TRANSFER, f"R's own relay counter shows only {relayed} bytes"
     assert delta["c_d"] < TRANSFER // 10 and delta["d_c"] < TRANSFER // 10
+    route = c.ns.run(["ip", "route", "get", d.ipv4]).stdout
+    assert "mtu 1280" in route, f"no relay route MTU on C toward D: {route}"
+    assert after["fragments"] == before["fragments"], "relayed datagrams were IP-fragmented"
 
     out = c.cli("ping", "D", "--count", "3", "--interval", "0.1")
     print(out)

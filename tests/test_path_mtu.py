@@ -37,8 +37,9 @@ print(clamp.clamped.get(member, 0))
 def test_relay_overhead_is_two_sealed_envelope_legs() -> None:
     envelope_body = 34  # docs/wire-protocol.md: type, 32-byte peer, payload length
     assert RELAY_OVERHEAD == 2 * (OVERHEAD + envelope_body) == 156
-    assert relayed_tunnel_mtu(1500, ipv6_underlay=False) == 1500 - 20 - 8 - 156 - 32
-    assert relayed_tunnel_mtu(1500, ipv6_underlay=True) == 1500 - 40 - 8 - 156 - 32
+    assert relayed_tunnel_mtu(1500, ipv6_underlay=False) == 1280  # 1284, padded to 16
+    assert relayed_tunnel_mtu(1500, ipv6_underlay=True) == 1264
+    assert relayed_tunnel_mtu(1400, ipv6_underlay=False) == 1184
 
 
 @pytest.fixture
@@ -81,12 +82,12 @@ def test_relayed_member_gets_a_route_mtu_that_fits_and_loses_it_when_direct(
     host: Namespace,
 ) -> None:
     v4, v6 = mesh_ipv4(MEMBER), mesh_ipv6(MEMBER)
-    fitting = 1500 - 20 - 8 - RELAY_OVERHEAD - 32
+    fitting = 1280
     assert not _oversize_refused(host, v4, 1400)
 
     assert _drive(host, "RELAYED@198.51.100.9") == fitting
     assert f"mtu {fitting}" in _route_mtu(host, v4)
-    assert "mtu 1284" in _route_mtu(host, v6)
+    assert "mtu 1280" in _route_mtu(host, v6)
     assert _oversize_refused(host, v4, fitting + 1)
     assert not _oversize_refused(host, v4, fitting)
     other = mesh_ipv4(RELAY)
@@ -101,8 +102,8 @@ def test_relayed_member_gets_a_route_mtu_that_fits_and_loses_it_when_direct(
 @pytest.mark.root
 def test_clamp_follows_the_relays_own_path_mtu(host: Namespace) -> None:
     v4, v6 = mesh_ipv4(MEMBER), mesh_ipv6(MEMBER)
-    fitting = 1400 - 20 - 8 - RELAY_OVERHEAD - 32
+    fitting = 1184
     assert _drive(host, "RELAYED@203.0.113.5") == fitting
     assert f"mtu {fitting}" in _route_mtu(host, v4)
     assert "mtu 1280" in _route_mtu(host, v6)
-    assert _drive(host, "RELAYED@2001:db8::9") == 1500 - 40 - 8 - RELAY_OVERHEAD - 32
+    assert _drive(host, "RELAYED@2001:db8::9") == 1264

@@ -35,6 +35,8 @@ RELAY_OVERHEAD = 2 * encoded_size(RelayEnvelope(bytes(32), b""))
 UDP_HEADER = 8
 IPV4_HEADER = 20
 IPV6_HEADER = 40
+PADDING = 16
+"""WireGuard pads the plaintext of a transport message to a multiple of this."""
 IPV4_MIN_MTU = 576
 IPV6_MIN_MTU = 1280
 _ENOENT = 2
@@ -42,9 +44,14 @@ _ESRCH = 3
 
 
 def relayed_tunnel_mtu(underlay_mtu: int, *, ipv6_underlay: bool) -> int:
-    """The largest inner packet whose relayed datagram fits ``underlay_mtu`` unfragmented."""
+    """The largest inner packet whose relayed datagram fits ``underlay_mtu`` unfragmented.
+
+    WireGuard pads a packet to a multiple of 16 bytes (up to the interface MTU), so the
+    answer is rounded down to one: a 1284-byte packet would travel as 1296 bytes.
+    """
     ip_header = IPV6_HEADER if ipv6_underlay else IPV4_HEADER
-    return underlay_mtu - ip_header - UDP_HEADER - RELAY_OVERHEAD - KEEPALIVE_SIZE
+    room = underlay_mtu - ip_header - UDP_HEADER - RELAY_OVERHEAD - KEEPALIVE_SIZE
+    return room - room % PADDING
 
 
 class RelayRouteMtu:
