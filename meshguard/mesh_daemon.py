@@ -67,7 +67,7 @@ from meshguard.sansio import swim
 from meshguard.sansio.messages import Endpoint
 from meshguard.sansio.node import Node, NodeConfig
 from meshguard.sansio.swim_config import SwimConfig
-from meshguard.sansio.traversal import PathChanged, PathKind
+from meshguard.sansio.traversal import PathChanged, PathKind, TraversalConfig
 from meshguard.sansio.types import Address
 from meshguard.sansio.wireguard import DeviceConfig, HandshakeCompleted, PeerUnreachable
 from meshguard.settings import HostPort, Settings
@@ -787,6 +787,7 @@ class MeshDaemon:
                 eager_tunnels=settings.eager_tunnels,
                 stun_servers=tuple(stun_servers),
                 allow_relay=settings.relay,
+                traversal=TraversalConfig(opening_ttl=settings.opening_ttl),
                 external_wireguard=self.external is not None,
             ),
             trusted_keys=trusted,

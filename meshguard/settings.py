@@ -15,6 +15,7 @@ Example::
     advertise = ["198.51.100.7:51821"]  # endpoints other members use; default: interfaces
     stun_servers = ["stun.example.net:3478"]  # learn (and advertise) the public endpoint
     relay = false                     # relay WireGuard datagrams between other members
+    opening_ttl = 2                   # IP TTL of hole-punching opening probes; 0: none
     data_plane = "userspace"          # or "uapi" (wireguard-go, boringtun) or "kernel"
     wireguard_go = "/usr/bin/wireguard-go"  # uapi: the wireguard-go to start (default: PATH)
     uapi_socket = "/var/run/wireguard/wg0.sock"  # uapi: attach to a running one instead
@@ -46,10 +47,12 @@ from pathlib import Path
 from typing import Any
 
 from meshguard.errors import UserError
+from meshguard.sansio.traversal import TraversalConfig
 
 DEFAULT_LISTEN_PORT = 51821
 DEFAULT_INTERFACE = "mg0"
 DEFAULT_MTU = 1420
+DEFAULT_OPENING_TTL = TraversalConfig().opening_ttl
 MIN_MTU = 1280
 MAX_MTU = 65535 - 80
 
@@ -110,6 +113,10 @@ class Settings:
     stun_servers: tuple[HostPort, ...] = ()
     relay: bool = False
     """Relay datagrams between members that cannot reach each other (advertised in gossip)."""
+    opening_ttl: int = DEFAULT_OPENING_TTL
+    """IP TTL of the opening probes of hole punching: past our own NAT, short of the peer's
+    (raise it when this host's NAT is more than one hop away, e.g. behind a carrier-grade
+    NAT); 0 sends none."""
     data_plane: str = "userspace"
     """Who encrypts: meshguard itself, a UAPI implementation (wireguard-go), or the kernel."""
     wireguard_go: str | None = None
@@ -196,6 +203,9 @@ class _Parser:
 
     def mtu(self, field: str, value: Any) -> int:
         return self.integer(field, value, MIN_MTU, MAX_MTU)
+
+    def opening_ttl(self, field: str, value: Any) -> int:
+        return self.integer(field, value, 0, 255)
 
     def interface(self, field: str, value: Any) -> str:
         name = self.string(field, value)
@@ -357,6 +367,7 @@ _TOP_LEVEL: dict[str, _Field] = {
     "advertise": ("advertise", _Parser.ip_endpoints),
     "stun_servers": ("stun_servers", _Parser.endpoints),
     "relay": ("relay", _Parser.boolean),
+    "opening_ttl": ("opening_ttl", _Parser.opening_ttl),
     "data_plane": ("data_plane", _Parser.data_plane),
     "wireguard_go": ("wireguard_go", _Parser.path),
     "uapi_socket": ("uapi_socket", _Parser.path),

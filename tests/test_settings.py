@@ -28,6 +28,7 @@ def test_empty_file_gives_the_defaults() -> None:
     assert settings.mtu == 1420
     assert settings.mdns is True
     assert settings.relay is False
+    assert settings.opening_ttl == 2
     assert settings.eager_tunnels is False
     assert settings.swim_profile == "wan"
     assert settings.seeds == settings.advertise == settings.stun_servers == ()
@@ -50,6 +51,7 @@ def test_every_mesh_key_is_read() -> None:
         advertise = ["198.51.100.7:5000", "[2001:db8::7]:5000"]
         stun_servers = ["stun.example.net:3478"]
         relay = true
+        opening_ttl = 3
 
         [[wireguard_peer]]
         public_key = "{KEY}"
@@ -74,6 +76,7 @@ def test_every_mesh_key_is_read() -> None:
     assert settings.advertise == (HostPort("198.51.100.7", 5000), HostPort("2001:db8::7", 5000))
     assert settings.stun_servers == (HostPort("stun.example.net", 3478),)
     assert settings.relay is True
+    assert settings.opening_ttl == 3
     (peer,) = settings.wireguard_peers
     assert peer.public_key == bytes(range(32))
     assert peer.allowed_ips == (ipaddress.ip_network("10.99.7.7/32"),)
@@ -97,6 +100,8 @@ def test_every_mesh_key_is_read() -> None:
         ('mdns = "yes"', "mdns: expected true or false, got a string"),
         ("eager_tunnels = 1", "eager_tunnels: expected true or false, got an integer"),
         ('relay = "on"', "relay: expected true or false, got a string"),
+        ("opening_ttl = 256", "opening_ttl: "),
+        ("opening_ttl = -1", "opening_ttl: "),
         ('data_plane = "fast"', "data_plane: expected one of userspace, uapi, kernel, got 'fast'"),
         ("wireguard_go = 3", "wireguard_go: expected a string, got an integer"),
         (
