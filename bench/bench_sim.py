@@ -40,9 +40,10 @@ import sim  # noqa: E402
 
 SPEED_TARGET = 5.0
 RSS_TARGET_GIB = 2.0
-CALIBRATION_REFERENCE_SECONDS = 0.30
-"""The calibration workload's time on this 2-core machine with no other load (see
-docs/simulator.md); a run's speed factor is scaled by calibration / reference."""
+CALIBRATION_REFERENCE_SECONDS = 0.27
+"""The calibration workload's time on this 2-core machine with a core to itself (the lowest
+measured, 2026-11-25; docs/simulator.md); a run's speed factor is scaled by calibration /
+reference."""
 
 
 def scenario_data(path: Path, nodes: int | None, duration: float | None) -> dict[str, Any]:
