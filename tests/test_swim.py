@@ -500,6 +500,38 @@ def test_a_join_reply_with_a_lost_chunk_is_asked_for_again() -> None:
     assert cluster.node(30).live_count == 31
 
 
+def test_chunks_of_two_answers_of_the_same_seed_add_up() -> None:
+    cluster = seeds_and_joiner(30)
+    requests: list[int] = []
+    answers: list[int] = []
+
+    def lose_one_chunk_of_each_answer(
+        sender: int, destination: tuple[str, int], datagram: bytes
+    ) -> None:
+        cluster.blocked.pop((0, 30), None)
+        if sender == 30 and destination == cluster.addresses[0]:
+            message = opened(cluster.identities[0], cluster.keys[30], datagram)
+            if isinstance(message, StateSync) and message.want_reply:
+                requests.append(message.exchange)
+        if sender == 0 and destination == cluster.addresses[30]:
+            message = opened(cluster.identities[30], cluster.keys[0], datagram)
+            if (
+                isinstance(message, StateSync)
+                and not message.want_reply
+                and message.part == len(answers)
+                and message.exchange not in answers
+            ):
+                answers.append(message.exchange)
+                cluster.blocked[(0, 30)] = None
+
+    cluster.taps.append(lose_one_chunk_of_each_answer)
+    cluster.join(30, [0])
+    cluster.run_for(3 * JOIN_REPLY_PERIODS * cluster.config.protocol_period)
+    assert len(answers) == 2
+    assert len(set(requests)) == 2
+    assert cluster.node(30).live_count == 31
+
+
 def test_a_joiner_does_not_gossip_the_members_its_seed_told_it_about() -> None:
     cluster = seeds_and_joiner(5)
     gossiped: list[bytes] = []

@@ -109,6 +109,9 @@ JOIN_REPLY_PERIODS = 2.0
 JOIN_ATTEMPTS = 4
 """Full-state requests one join makes at most (lost requests, lost chunks of the reply)."""
 
+PULL_ATTEMPTS = 3
+"""Full-state requests of a joiner's follow-up pull (more if the request or chunks were lost)."""
+
 MAX_NEWCOMERS = 256
 """Joiners a node answered and will still tell about members that became live since."""
 
@@ -531,7 +534,7 @@ class Membership:
         self._join_parts: set[int] = set()
         self._join_parts_total = 0
         self._join_attempts_left = 0
-        self._follow_up_exchange = 0
+        self._pulling = False
         self._follow_up_due = False
         self._live_order = 0
         self._newcomers: dict[bytes, tuple[int, Address]] = {}
@@ -1274,12 +1277,14 @@ class Membership:
             if not self._join_answered:
                 self._join_answered = True
                 self._join_seed = (addr, sender)
-                self._join_parts_total = sync.parts
-                self._follow_up_due = True
-                wait = self._rng.uniform(0.5, 1.0) * self._config.push_pull_interval
-                self._push_pull_at = self._now + wait
+                if sync.parts != self._join_parts_total:
+                    self._join_parts = set()
+                    self._join_parts_total = sync.parts
+                if not self._pulling:
+                    self._follow_up_due = True
+                    wait = self._rng.uniform(0.5, 1.0) * self._config.push_pull_interval
+                    self._push_pull_at = self._now + wait
             self._join_parts.add(sync.part)
-        quiet = join_reply or (not sync.want_reply and sync.exchange == self._follow_up_exchange)
         for entry in sync.entries:
             accusation = entry.suspect_or_dead
             record = entry.record
@@ -1301,7 +1306,7 @@ class Membership:
                 else:
                     self.counters["bad_signature"] += 1
                 continue
-            self._on_record(record, spread=not quiet)
+            self._on_record(record, spread=not join_reply)
             if accusation is not None:
                 self._on_suspect(accusation.member, accusation.incarnation, accusation.accuser)
         if sync.want_reply:
@@ -1517,24 +1522,25 @@ class Membership:
                 break
 
     def _push_pull(self) -> None:
-        """Full state exchange with a random member; after a join, a pull only.
+        """Full state exchange with a random member; after a join, a pull from the seed.
 
-        The joiner's follow-up pull fetches what gossip brought to everyone but missed it
-        (members that joined after its seed answered); its own record went out with the join.
+        The joiner's follow-up pull fetches the members that joined after its seed's answer
+        and its follow-up (gossip brings them too, but in a mass join the gossip queues hold
+        hundreds of records and the last few take minutes); its own record went out with
+        the join. The seed heard of every joiner first hand, so its view is the fullest.
         """
+        if self._follow_up_due:
+            self._follow_up_due = False
+            self._join_attempts_left = PULL_ATTEMPTS
+            self._join_backups = []
+            self._ask_seed_for_state(*self._join_seed, pull=True)
+            return
         chosen = self._alive.sample(self._rng, 1, ())
         if chosen:
             member = self._members[chosen[0]]
             addr = member.target_address()
-            if addr is None:
-                return
-            exchange = self._rng.getrandbits(64)
-            if self._follow_up_due:
-                self._follow_up_due = False
-                self._follow_up_exchange = exchange
-                self._send_hello(member.public_key, addr, exchange, True)
-            else:
-                self._send_state(member.public_key, addr, exchange, True)
+            if addr is not None:
+                self._send_state(member.public_key, addr, self._rng.getrandbits(64), True)
 
     def _push_pull_wait(self, members: int) -> float:
         """Time to the next periodic exchange: the scaled period, jittered ±50% so that
@@ -1639,7 +1645,7 @@ class Membership:
         if not self._join_answered and self._join_backups:
             self._ask_seed_for_state(*self._join_backups.pop(0))
         else:
-            self._ask_seed_for_state(*self._join_seed)
+            self._ask_seed_for_state(*self._join_seed, pull=self._pulling, again=True)
 
     def _announce_to_seed(self, addr: Address, known: bytes | None) -> None:
         """Our record alone to a seed (its key, else every trusted key), asking nothing back."""
@@ -1648,14 +1654,27 @@ class Membership:
         for key in keys:
             self._send_hello(key, addr, exchange, False)
 
-    def _ask_seed_for_state(self, addr: Address, known: bytes | None) -> None:
-        """Start (or retry) the join's one full state exchange, with this seed."""
+    def _ask_seed_for_state(
+        self, addr: Address, known: bytes | None, *, pull: bool = False, again: bool = False
+    ) -> None:
+        """Start (or retry) the join's full state exchange with this seed, or (``pull``) the
+        follow-up pull: our record only, asking for the seed's state.
+
+        ``again``: the same seed once more; chunks already received count if its answer has
+        as many chunks (its state did not change, so each chunk holds the same members): at
+        1% loss a 100-chunk state arrives whole only 37% of the time, two answers 99%.
+        """
         self._join_attempts_left -= 1
         self._join_exchange = self._rng.getrandbits(64) or 1
         self._join_answered = False
+        self._pulling = pull
         self._join_seed = (addr, known)
-        self._join_parts = set()
-        self._join_parts_total = 0
-        self._contact_seed(addr, known, self._join_exchange)
+        if not again:
+            self._join_parts = set()
+            self._join_parts_total = 0
+        if pull and known is not None and known in self._trusted:
+            self._send_hello(known, addr, self._join_exchange, True)
+        else:
+            self._contact_seed(addr, known, self._join_exchange)
         retry_at = self._now + JOIN_REPLY_PERIODS * self._config.protocol_period
         self._schedule(retry_at, _Timer.JOIN_RETRY, self._join_exchange)
