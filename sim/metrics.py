@@ -100,15 +100,19 @@ class Trace:
         self._pending += (_EVENT.pack(b"E", now, len(encoded)), encoded)
         self.records += 1
 
-    def observation(self, now: float, observer: int, kind: str, subject: int) -> None:
-        """A membership event: node number ``observer`` reports ``kind`` about ``subject``."""
-        code = self._kinds.get(kind)
-        if code is None:
-            code = self._kinds[kind] = len(self._kinds)
-            self.event(now, f"kind {code} {kind}")
+    def observations(self, now: float, observer: int, items: list[tuple[str, int]]) -> None:
+        """Membership events at ``now``: node number ``observer`` reports each ``(kind,
+        subject)`` of ``items``, in order."""
         pending = self._pending
-        pending.append(_OBSERVATION.pack(b"M", now, observer, code, subject))
-        self.records += 1
+        kinds = self._kinds
+        pack = _OBSERVATION.pack
+        for kind, subject in items:
+            code = kinds.get(kind)
+            if code is None:
+                code = kinds[kind] = len(kinds)
+                self.event(now, f"kind {code} {kind}")
+            pending.append(pack(b"M", now, observer, code, subject))
+        self.records += len(items)
         if len(pending) >= _FLUSH_PARTS:
             self._flush()
 
@@ -268,10 +272,11 @@ class MembershipTracker:
     # -- observations ---------------------------------------------------------------------
 
     def on_events(self, observer: str, events: Iterable[object], now: float) -> None:
+        """One core's batch of events: counted, traced, and applied to the observer's
+        tracked view (its hit count is kept in a local for the batch)."""
         if observer not in self.live:
             return
         own_key = self.keys[observer]
-        observer_number = self.numbers[observer]
         known = self.known[observer]
         seen = self.incarnations[observer]
         live = self.live
@@ -279,15 +284,17 @@ class MembershipTracker:
         key_numbers = self._key_numbers
         counts = self.event_counts
         interval_events = self._interval_events
-        observation = self.trace.observation
+        observed: list[tuple[str, int]] = []
         target = len(live) - 1
+        hits = self.hits[observer]
+        full_change = 0
         for event in events:
             kind = type(event).__name__
             counts[kind] = counts.get(kind, 0) + 1
             key: bytes | None = getattr(event, "public_key", None)
             if key is None:
                 continue
-            observation(now, observer_number, kind, key_numbers.get(key, -1))
+            observed.append((kind, key_numbers.get(key, -1)))
             if key == own_key:
                 continue
             subject = names.get(key)
@@ -296,7 +303,14 @@ class MembershipTracker:
             if kind in interval_events:
                 interval_events[kind] += 1
             incarnation: int | None = getattr(event, "incarnation", None)
-            self._check_incarnation(observer, seen, key, now, incarnation)
+            if incarnation is None:
+                seen.pop(key, None)  # reaped or untrusted: the core forgot the member
+            else:
+                previous = seen.get(key)
+                if previous is None or incarnation > previous:
+                    seen[key] = incarnation
+                elif incarnation < previous:
+                    self._incarnation_went_back(observer, subject, previous, incarnation, now)
             subject_live = subject in live
             if subject_live and kind in _ACCUSATION_EVENTS:
                 if subject in self.ever_crashed:
@@ -319,36 +333,26 @@ class MembershipTracker:
                 if key not in known:
                     known.add(key)
                     if subject_live:
-                        self._hit(observer, +1, target)
+                        hits += 1
+                        full_change += (hits == target) - (hits - 1 == target)
             elif kind in _REMOVE_EVENTS and key in known:
                 known.discard(key)
                 if subject_live:
-                    self._hit(observer, -1, target)
+                    hits -= 1
+                    full_change += (hits == target) - (hits + 1 == target)
+        self.hits[observer] = hits
+        self.full += full_change
+        if observed:
+            self.trace.observations(now, self.numbers[observer], observed)
         self._check_converged(now)
 
-    def _hit(self, observer: str, change: int, target: int) -> None:
-        before = self.hits[observer] == target
-        self.hits[observer] += change
-        after = self.hits[observer] == target
-        self.full += int(after) - int(before)
-
-    def _check_incarnation(self, observer: str, seen: dict[bytes, int], key: bytes, now: float,
-                           incarnation: int | None) -> None:
+    def _incarnation_went_back(self, observer: str, subject: str, previous: int,
+                               incarnation: int, now: float) -> None:
         """The incarnation an event reports is the member's incarnation in the observer's
-        table at that moment (the core sets both together), so the event alone is checked;
-        reading the table back per event would cost a lookup per event. ``seen`` is what
-        ``observer`` reported before."""
-        if incarnation is None:
-            seen.pop(key, None)  # reaped or untrusted: the core forgot the member
-            return
-        previous = seen.get(key)
-        if previous is None or incarnation > previous:
-            seen[key] = incarnation
-        elif incarnation < previous:
-            subject = self.names.get(key) or key.hex()[:12]
-            self.violations.append(Violation(
-                now, "incarnations never go backwards",
-                f"{observer} saw {subject} go from incarnation {previous} to {incarnation}"))
+        table at that moment (the core sets both together), so events alone are checked."""
+        self.violations.append(Violation(
+            now, "incarnations never go backwards",
+            f"{observer} saw {subject} go from incarnation {previous} to {incarnation}"))
 
     def check_views(self, now: float, tables: dict[str, MembershipTable]) -> None:
         """Each live core's own table must agree with the view built from its events."""
