@@ -125,6 +125,7 @@ class Net:
         nats: Sequence[NatInfo | NatBox | None],
         *,
         traversal: TraversalConfig | None = None,
+        side_port_stun: bool = False,
     ) -> None:
         self.now = 0.0
         self.latency = 0.01
@@ -139,6 +140,8 @@ class Net:
         self.blocked: set[frozenset[str]] = set()
         self.in_flight: list[tuple[float, int, bytes, Address, Address]] = []
         self.order = 0
+        self.side_owner: dict[Address, int] = {}
+        """Ephemeral local address → node, for side datagrams (``side_port_stun``)."""
         self.identities = [
             Identity.from_seed(hashlib.sha256(f"traversal:{i}".encode()).digest())
             for i in range(len(nats))
@@ -172,6 +175,7 @@ class Net:
                         nat=nat_info,
                         allow_relay=public,
                         traversal=config,
+                        side_port_stun=side_port_stun,
                     ),
                     trusted_keys=self.keys,
                     advertised_endpoints=[Endpoint(*self.where[i])],
@@ -203,18 +207,28 @@ class Net:
         for data, destination in ordinary:
             assert not is_virtual(destination), "a virtual address reached the network"
             self.sent_by[index].append((data, destination))
-            source = self.where[index]
-            box = self.box_of[index]
-            if box is not None:
-                source = box.outbound(source, destination, self.now)
-            self.order += 1
-            heapq.heappush(
-                self.in_flight, (self.now + self.latency, self.order, data, source, destination)
-            )
+            self._transmit(self.where[index], self.box_of[index], data, destination)
+        for data, destination in node.side_datagrams_to_send():
+            local = (self.where[index][0], 30000 + len(self.side_owner))
+            self.side_owner[local] = index
+            self._transmit(local, self.box_of[index], data, destination)
         self.received[index].extend(node.tun_packets())
         self.events[index].extend(node.events())
 
-    def _receiver(self, source: Address, destination: Address) -> tuple[int, Address] | None:
+    def _transmit(
+        self, source: Address, box: NatBox | None, data: bytes, destination: Address
+    ) -> None:
+        if box is not None:
+            source = box.outbound(source, destination, self.now)
+        self.order += 1
+        heapq.heappush(
+            self.in_flight, (self.now + self.latency, self.order, data, source, destination)
+        )
+
+    def _receiver(
+        self, source: Address, destination: Address
+    ) -> tuple[int, Address, bool] | None:
+        """(node, source as it sees it, whether it arrived at a side port)."""
         if frozenset((source[0], destination[0])) in self.blocked:
             return None
         box = self.boxes.get(destination[0])
@@ -227,7 +241,10 @@ class Net:
             destination = inside
         for index, where in enumerate(self.where):
             if where == destination and (box is None) == (self.box_of[index] is None):
-                return index, source
+                return index, source, False
+        side = self.side_owner.get(destination)
+        if side is not None and self.box_of[side] is box:
+            return side, source, True
         return None
 
     def run_until(self, end: float) -> None:
@@ -249,8 +266,11 @@ class Net:
                 found = self._receiver(source, destination)
                 if found is None:
                     continue
-                index, source = found
-                self.nodes[index].receive_datagram(data, source, self.now)
+                index, source, side = found
+                if side:
+                    self.nodes[index].receive_side_datagram(data, source, self.now)
+                else:
+                    self.nodes[index].receive_datagram(data, source, self.now)
                 self.flush(index)
             else:
                 self.nodes[next_timer[1]].on_timer(self.now)
@@ -390,6 +410,55 @@ def test_one_symmetric_side_is_punched_by_port_prediction() -> None:
     relayed_before = counter(net, 0, "relay_forwarded")
     assert net.exchange(1, 2, b"predicted")
     assert counter(net, 0, "relay_forwarded") == relayed_before
+
+
+class BusyNatNet(TimedNet):
+    """``TimedNet`` where other hosts behind ``busy`` (a sequential per-destination NAT)
+    open ``rate`` new mappings per second (in bursts, whenever anything happens), as the
+    node's own flows to other members and its NAT neighbours' flows do in a real mesh."""
+
+    def __init__(self, *args: object, busy: NatBox, rate: float, **kwargs: object) -> None:
+        self.busy = busy
+        self.rate = rate
+        self.churned = 0
+        super().__init__(*args, **kwargs)
+
+    def flush(self, index: int) -> None:
+        while self.churned < int(self.now * self.rate):
+            self.churned += 1
+            self.busy.outbound(("10.2.0.9", 40000), ("192.0.2.1", self.churned), self.now)
+        super().flush(index)
+
+
+@pytest.mark.parametrize("side_port_stun", [False, True])
+def test_a_fresh_observation_from_a_side_port_lets_the_peer_predict_a_busy_nats_port(
+    side_port_stun: bool,
+) -> None:
+    """Port prediction against a sequential per-destination NAT whose counter moves on
+    (100 new mappings a second from its other hosts). From the mesh port, the punch can only
+    name the mapping the rendezvous (and the STUN server) saw when the node joined: by the
+    time its probes leave, the counter is hundreds of ports further and the peer's 64-port
+    spray misses, so the pair is relayed. With a STUN request from a side port right before
+    the punch, the peer sprays above the port the NAT has just allocated and the probes
+    that follow land within a few ports of it."""
+    busy = NatBox("203.0.113.3", symmetric=True)
+    net = BusyNatNet(
+        [None, NatBox("203.0.113.2"), busy], busy=busy, rate=100.0, side_port_stun=side_port_stun
+    )
+    net.nodes[2].join([net.where[0]], net.now)
+    net.flush(2)
+    net.run_until(3.0)
+    net.nodes[1].join([net.where[0]], net.now)
+    net.flush(1)
+    net.run_until(40.0)
+    kind = PathKind.PUNCHED if side_port_stun else PathKind.RELAYED
+    assert (net.path(1, 2), net.path(2, 1)) == (kind, kind)
+    assert counter(net, 2, "fresh_observations") == (1 if side_port_stun else 0)
+    assert net.churned >= 3900
+    if side_port_stun:
+        relayed_before = counter(net, 0, "relay_forwarded")
+        assert net.exchange(1, 2, b"fresh")
+        assert counter(net, 0, "relay_forwarded") == relayed_before
 
 
 def test_one_symmetric_side_with_random_ports_is_relayed() -> None:

@@ -39,6 +39,7 @@ from meshguard.sansio.stun import (
     StunClient,
     StunEvent,
     StunResponder,
+    StunTiming,
 )
 from meshguard.sansio.swim_config import SwimConfig
 from meshguard.sansio.traversal import (
@@ -60,6 +61,8 @@ from meshguard.sansio.wireguard import (
 
 _WIREGUARD_FIRST_BYTES = frozenset((1, 2, 3, 4))
 _WIREGUARD_ZERO_BYTES = b"\x00\x00\x00"
+_SIDE_STUN_TIMING = StunTiming(transmissions=1, last_wait_factor=2.0)
+"""One request per fresh observation: a retransmission would leave from another port."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +86,12 @@ class NodeConfig:
     member_stun_servers: int = 2
     """Public members asked for our mapping (two of them also tell the NAT type)."""
     traversal: TraversalConfig = field(default_factory=TraversalConfig)
+    side_port_stun: bool = False
+    """The driver sends ``side_datagrams_to_send`` each from a new ephemeral UDP port and
+    hands what comes back there to ``receive_side_datagram``. Behind a NAT that maps per
+    destination, that is how a punch learns the port the NAT allocates next (port
+    prediction): from the mesh port every STUN server we could ask is one we talk to
+    already, so its answer is a mapping made long ago."""
     external_wireguard: bool = False
     """Another WireGuard implementation (wireguard-go, the kernel) owns the tunnels: received
     WireGuard datagrams are handed out by ``wireguard_datagrams`` instead of decrypted, and
@@ -211,9 +220,12 @@ class Node:
             seal=self._seal,
             open_datagram=self.membership.authenticate,
             allow_relay=config.allow_relay,
+            observe=self._observe_fresh_mapping if config.side_port_stun else None,
         )
         self.traversal.set_local(self._configured_endpoints, self._nat)
         self.stun_client = StunClient(entropy=entropy)
+        self._side_stun = StunClient(entropy=entropy, timing=_SIDE_STUN_TIMING)
+        """Fresh observations for port prediction, from ephemeral ports (``side_port_stun``)."""
         self._entropy = entropy
         self._stun_responder = StunResponder() if config.stun_responder else None
         self._stun_servers: list[Address] = []
@@ -369,6 +381,34 @@ class Node:
             return
         self.counters["stun_dropped"] += 1
 
+    def receive_side_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        """A datagram that came back to a port ``side_datagrams_to_send`` used: the answer
+        to a fresh observation goes to the punch waiting for it; anything else is dropped."""
+        self._now = now
+        if codec.classify(data) is not codec.DatagramKind.STUN or not self._side_stun.matches(
+            data
+        ):
+            self.counters["stun_dropped"] += 1
+            return
+        self._side_stun.receive_datagram(data, addr, now)
+        for event in self._side_stun.events():
+            if isinstance(event, MappedAddress):
+                self.traversal.fresh_mapping(codec.canonical_endpoint(Endpoint(*event.mapped)), now)
+        self._absorb(now)
+
+    def side_datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        """STUN Binding requests to send each from a new ephemeral UDP port, kept open a
+        couple of seconds for the answer (``NodeConfig.side_port_stun``)."""
+        return self._side_stun.datagrams_to_send()
+
+    def _observe_fresh_mapping(self, now: float) -> bool:
+        """Ask a STUN server (configured, or a public member) from a new local port: our NAT
+        gives that port a new mapping, whose port tells where its counter is right now."""
+        if not self._stun_servers:
+            return False
+        self._side_stun.query(self._stun_servers[0], now)
+        return True
+
     def _answer_stun(self, data: bytes, addr: Address) -> None:
         if self._stun_responder is not None:
             answer = self._stun_responder.answer(data, addr)
@@ -384,6 +424,7 @@ class Node:
         for deadline in (
             self.device.next_deadline(),
             self.stun_client.next_deadline(),
+            self._side_stun.next_deadline(),
             self.traversal.next_deadline(),
             None if self._prober is None else self._prober.next_deadline(),
         ):
@@ -396,6 +437,8 @@ class Node:
         self.membership.on_timer(now)
         self.device.on_timer(now)
         self.stun_client.on_timer(now)
+        self._side_stun.on_timer(now)
+        self._side_stun.events()
         self.traversal.on_timer(now)
         if self._prober is not None:
             self._prober.on_timer(now)

@@ -9,8 +9,14 @@ One ``Traversal`` per node keeps a path per member and the machinery that finds 
   server-reflexive candidate); then both sides probe each other's candidates at the same time.
   A probe from an address not among the candidates (a new NAT mapping) is answered and probed
   back at once. When only the peer's NAT maps per destination, we also probe a bounded range
-  of ports above its observed port (port prediction). The first round trip makes the path
-  PUNCHED.
+  of ports above the highest port it names at its public address (port prediction). The
+  first round trip makes the path PUNCHED.
+- **Fresh observation.** Behind a NAT that maps per destination, toward a member whose NAT
+  maps endpoint-independently (it will predict our port), the node first asks for a fresh
+  look at its NAT's port counter (``observe``: a STUN Binding request from a new local
+  port, so its NAT allocates a new port whatever it has open) and waits up to
+  ``fresh_wait`` for it (``fresh_mapping``); the punch then names that port and our probes
+  follow at once, getting the next ports of a sequential allocator.
 - **Opening probes.** Toward a member whose NAT has not opened toward us (not public, not
   heard from at that address) probes go out with a small IP TTL (``opening_ttl``): they
   open our own NAT and die before the member's, so its NAT never sees an unsolicited
@@ -92,6 +98,8 @@ COUNTERS = (
     "punch_requests_forwarded",
     "punch_responses_forwarded",
     "punch_started",
+    "fresh_observations",
+    "fresh_missed",
     "punch_succeeded",
     "punch_failed",
     "punch_no_rendezvous",
@@ -175,6 +183,9 @@ class TraversalConfig:
     """The member with the greater key waits this long for the other to start the punch."""
     spray_ports: int = 64
     """Port prediction: ports above a per-destination-mapping peer's observed port probed."""
+    fresh_wait: float = 0.5
+    """How long a punch from behind a per-destination NAT waits for the fresh observation of
+    its port counter (``Traversal(observe=...)``) before it goes on without one."""
     spray_always: int = 4
     """Ports above the peer's first candidate probed in every punch. When the peer's
     unsolicited probe reached our NAT first, our outbound flow's tuple clashes with it; old
@@ -217,8 +228,8 @@ class TraversalConfig:
             raise LocalProtocolError("spray counts ≥ 0 and keepalive_misses ≥ 1")
         if self.keepalive_interval <= 0 or not 0 < self.retry_min <= self.retry_max:
             raise LocalProtocolError("keepalive and retry intervals must be positive")
-        if not 0 <= self.opening_ttl <= 255 or self.opening_wait < 0:
-            raise LocalProtocolError("opening_ttl is 0..255 and opening_wait ≥ 0")
+        if not 0 <= self.opening_ttl <= 255 or self.opening_wait < 0 or self.fresh_wait < 0:
+            raise LocalProtocolError("opening_ttl is 0..255, opening_wait and fresh_wait ≥ 0")
         if self.relay_rate <= 0 or self.relay_burst < 1:
             raise LocalProtocolError("relay rate must be positive and burst at least 1")
 
@@ -263,6 +274,12 @@ class _Session:
     """Targets that got a full-TTL probe."""
     opening: list[Address] = field(default_factory=list)
     """Targets that got an opening probe (their NAT was not known open toward us)."""
+    fresh_until: float | None = None
+    """Waiting for a fresh observation of our NAT's port counter until then."""
+    fresh: Endpoint | None = None
+    """The fresh observation this punch named (first among our candidates)."""
+    answer: tuple[bytes, Address, PunchRequest] | None = None
+    """Target side: the rendezvous and request to answer once the observation is in."""
 
 
 @dataclass(slots=True)
@@ -279,8 +296,9 @@ class _Path:
     found_directly: bool = False
     """The working address answered a direct check (not a rendezvous punch)."""
     predicted: bool = False
-    """A punch already tried port prediction toward this member and failed: retries do not
-    spray again (its NAT probably allocates at random)."""
+    """A punch already tried port prediction toward this member (its NAT maps per
+    destination) or named a fresh port of ours for it to predict from (ours does), and
+    failed: retries neither spray nor observe again (the NAT probably allocates at random)."""
     retry_at: float | None = None
     retry_delay: float = 0.0
     keepalive_id: int = 0
@@ -338,10 +356,13 @@ class Traversal:
         seal: Callable[[bytes, Message], bytes | None],
         open_datagram: Callable[[bytes], tuple[bytes, Message] | None],
         allow_relay: bool = False,
+        observe: Callable[[float], bool] | None = None,
     ) -> None:
         """``seal(peer, message)`` makes the datagram for a trusted member (None if it
         cannot); ``open_datagram`` authenticates one from a trusted member; ``allow_relay``
-        lets other members relay through this node."""
+        lets other members relay through this node; ``observe(now)`` asks for a fresh
+        observation of our public mapping from a new local port (answered through
+        ``fresh_mapping``), False when it cannot be had."""
         self._own = own_key
         self._own_id = key_id(own_key)
         self._config = config
@@ -349,6 +370,7 @@ class Traversal:
         self._seal = seal
         self._open = open_datagram
         self._allow_relay = allow_relay
+        self._observe = observe
         self._candidates: tuple[Endpoint, ...] = ()
         self._nat = NatInfo()
         self._paths: dict[bytes, _Path] = {}
@@ -516,6 +538,15 @@ class Traversal:
             or nat.filtering is NatFiltering.ENDPOINT_INDEPENDENT
             or self._heard.get(path.key) == addr
         )
+
+    def fresh_mapping(self, mapped: Endpoint, now: float) -> None:
+        """The observation ``observe`` asked for: a new local port was seen at ``mapped``.
+        Punches waiting for it go on, naming it first among our candidates."""
+        for session in list(self._sessions.values()):
+            if session.fresh_until is not None:
+                session.fresh = mapped
+                self.counters["fresh_observations"] += 1
+                self._fresh_done(session, now)
 
     def on_peer_unreachable(self, key: bytes, now: float) -> None:
         """WireGuard gave up handshaking on the current path: look for another one."""
@@ -787,7 +818,49 @@ class Traversal:
             return
         session = self._new_session(path.key, _Purpose.PUNCH, [], now)
         path.session = session.session_id
+        if not self._wait_fresh(path, session, now):
+            self._ask_rendezvous(path, session, now)
+
+    def _wait_fresh(self, path: _Path, session: _Session, now: float) -> bool:
+        """Ask for a fresh observation of our port counter before the punch, when the member
+        will predict our port from what we name: our NAT maps per destination, its does
+        not, and no such punch toward it failed before. False: go on now."""
+        if (
+            self._observe is None
+            or path.predicted
+            or self._nat.mapping not in _SYMMETRIC
+            or path.nat.mapping is not NatMapping.ENDPOINT_INDEPENDENT
+            or path.nat.filtering is NatFiltering.ENDPOINT_INDEPENDENT
+            or not self._observe(now)
+        ):
+            return False
+        session.fresh_until = now + self._config.fresh_wait
+        session.next_round = None
+        session.expires = session.fresh_until
+        self._schedule_session(session)
+        return True
+
+    def _fresh_done(self, session: _Session, now: float) -> None:
+        """The observation came (``session.fresh``) or the wait is over: start the punch."""
+        session.fresh_until = None
+        if session.fresh is None:
+            self.counters["fresh_missed"] += 1
+        answer, session.answer = session.answer, None
+        if answer is not None:
+            rendezvous, address, request = answer
+            self._answer_request(rendezvous, address, request, session, now)
+            return
+        path = self._paths.get(session.peer)
+        if path is None or path.session != session.session_id:
+            self._sessions.pop(session.session_id, None)
+            return
         self._ask_rendezvous(path, session, now)
+
+    def _own_candidates(self, session: _Session) -> tuple[Endpoint, ...]:
+        """What we tell the member: the fresh observation first (if any), then ours."""
+        if session.fresh is None or session.fresh in self._candidates:
+            return self._candidates
+        return (session.fresh, *self._candidates)[:MAX_CANDIDATES]
 
     def _ask_rendezvous(self, path: _Path, session: _Session, now: float) -> None:
         rendezvous = self._choose_rendezvous(path.key, session.tried)
@@ -803,7 +876,9 @@ class Traversal:
         session.expires = now + self._config.response_timeout
         address = self.route(rendezvous)
         assert address is not None
-        request = PunchRequest(session.session_id, self._own, path.key, self._candidates)
+        request = PunchRequest(
+            session.session_id, self._own, path.key, self._own_candidates(session)
+        )
         self._send(rendezvous, request, address)
         self.counters["punch_requests_sent"] += 1
         self._schedule_session(session)
@@ -975,8 +1050,11 @@ class Traversal:
         self._tick_session(session, now)
 
     def _spray(self, path: _Path, targets: list[Address]) -> list[Address]:
-        """Ports above the peer's first candidate: many when its NAT maps per destination
-        and ours does not (port prediction), a few otherwise (conntrack clashes). None when
+        """Ports above the peer's newest observed port: of the candidates at its first
+        candidate's address that its record does not advertise (what the rendezvous saw,
+        and a fresh observation of its port counter if it sent one) the highest, else the
+        first. Many when its NAT maps per destination and ours does not (port prediction),
+        a few otherwise (conntrack clashes). None when
         our NAT maps per destination: every probe would burn one of its ports, which makes
         its next mappings harder to predict."""
         if not targets or self._nat.mapping in _SYMMETRIC:
@@ -985,6 +1063,8 @@ class Traversal:
         if path.nat.mapping in _SYMMETRIC and not path.predicted:
             count = max(count, self._config.spray_ports)
         host, port = targets[0]
+        observed = [p for h, p in targets if h == host and (h, p) not in path.endpoints]
+        port = max(observed, default=port)
         return [
             (host, p)
             for p in range(port + 1, min(port + 1 + count, 0x10000))
@@ -992,6 +1072,10 @@ class Traversal:
         ]
 
     def _tick_session(self, session: _Session, now: float) -> None:
+        if session.fresh_until is not None:
+            if session.fresh_until <= now:
+                self._fresh_done(session, now)
+            return
         if session.next_round is not None and session.next_round <= now:
             self._probe_round(session, now)
         if session.next_round is None and session.expires <= now:
@@ -1057,7 +1141,7 @@ class Traversal:
             self._start_punch(path, now, defer=True)
             return
         self.counters["punch_failed"] += 1
-        if session.predicting:
+        if session.predicting or session.fresh is not None:
             path.predicted = True
         if not own:
             path.peer_punch_failed = now
@@ -1153,10 +1237,6 @@ class Traversal:
                 self.counters["punch_replay"] += 1
                 return
             self._remember(request.session)
-            response = PunchResponse(
-                request.session, request.initiator, self._own, self._candidates
-            )
-            self._send(sender, response, addr)
             session = _Session(
                 request.session,
                 request.initiator,
@@ -1167,7 +1247,10 @@ class Traversal:
                 open_at=now + self._config.opening_wait,
             )
             self._sessions[request.session] = session
-            self._start_probing(session, request.candidates, now)
+            if self._wait_fresh(path, session, now):
+                session.answer = (sender, addr, request)
+                return
+            self._answer_request(sender, addr, request, session, now)
             return
         if request.initiator != sender or request.target == sender:
             self.counters["punch_refused"] += 1
@@ -1193,6 +1276,19 @@ class Traversal:
         self._send(request.target, forwarded, target_address)
         self.counters["punch_requests_forwarded"] += 1
 
+    def _answer_request(
+        self, rendezvous: bytes, addr: Address, request: PunchRequest, session: _Session,
+        now: float,
+    ) -> None:
+        """Target side: our candidates back through the rendezvous, then probe the
+        initiator's (the opening probes wait for its first probe, ``opening_wait``)."""
+        response = PunchResponse(
+            request.session, request.initiator, self._own, self._own_candidates(session)
+        )
+        self._send(rendezvous, response, addr)
+        session.open_at = now + self._config.opening_wait
+        self._start_probing(session, request.candidates, now)
+
     def _remember_early_initiator(self, initiator: bytes, now: float) -> None:
         """A punch from a key we do not know yet (its record has not reached us): it falls
         back to a relay and retries only after ``retry_min``, so the first move is ours
@@ -1217,6 +1313,7 @@ class Traversal:
                 or session.purpose is not _Purpose.PUNCH
                 or session.peer != response.target
                 or session.next_round is not None
+                or session.fresh_until is not None
                 or session.targets
                 or sender not in (session.rendezvous, response.target)
             ):
