@@ -461,6 +461,8 @@ class Node:
 
         Send the TTL-limited ones first, with that TTL (IPv6 hop limit): they open our own
         NAT toward members whose NAT has not opened toward us (``Traversal.opening_ttl``).
+        Toward a member that will predict our port, a membership datagram goes only through
+        the interim relay while there is one (``Traversal.keeps_quiet``).
         """
         limited = self.traversal.limited_datagrams_to_send()
         out = self._outbox
@@ -471,17 +473,19 @@ class Node:
         out.extend(self.traversal.datagrams_to_send())
         routed = []
         opening_ttl = self.traversal.opening_ttl
+        keeps_quiet = self.traversal.keeps_quiet
         for data, addr, key in self.membership.datagrams_to_members():
             destination = self._membership_destination(key, addr)
             ttl = opening_ttl(key, destination)
+            interim = (
+                None if addr in self._seed_addresses else self.traversal.interim_relay(key)
+            )
             if ttl is None:
                 routed.append((data, destination))
-            else:
+            elif interim is None or not keeps_quiet(key):
                 limited.append((data, destination, ttl))
-            if addr not in self._seed_addresses:
-                interim = self.traversal.interim_relay(key)
-                if interim is not None:
-                    routed.append((data, interim))
+            if interim is not None:
+                routed.append((data, interim))
         from_device = self.device.datagrams_to_send()
         if not self.traversal.has_virtual():
             out.extend(routed)
@@ -793,7 +797,7 @@ class Node:
         for endpoint in (self._public_endpoint, *self._configured_endpoints):
             if endpoint is not None and endpoint not in endpoints:
                 endpoints.append(endpoint)
-        self.traversal.set_local(endpoints, self._nat)
+        self.traversal.set_local(endpoints, self._nat, now)
         own = self.membership.member(self.identity.public_key)
         if own is not None and own.endpoints == tuple(
             codec.canonical_endpoint(e) for e in endpoints

@@ -99,6 +99,7 @@ COUNTERS = (
     "punch_responses_forwarded",
     "punch_started",
     "fresh_observations",
+    "punch_postponed",
     "fresh_missed",
     "punch_succeeded",
     "punch_failed",
@@ -186,6 +187,14 @@ class TraversalConfig:
     fresh_wait: float = 0.5
     """How long a punch from behind a per-destination NAT waits for the fresh observation of
     its port counter (``Traversal(observe=...)``) before it goes on without one."""
+    fresh_quiet: float = 125.0
+    """A fresh observation predicts the port of a *new* mapping: toward a member we sent
+    probes to less than this long ago (RFC 4787's shortest UDP mapping timeout, 2 min, plus
+    a little) our NAT may still hold the old one, so the punch waits until then."""
+    fresh_settle: float = 60.0
+    """How long after its first member a node that can observe waits (relayed) for its own
+    NAT facts before punching toward members that would predict its port; it punches as
+    soon as they arrive."""
     spray_always: int = 4
     """Ports above the peer's first candidate probed in every punch. When the peer's
     unsolicited probe reached our NAT first, our outbound flow's tuple clashes with it; old
@@ -228,8 +237,10 @@ class TraversalConfig:
             raise LocalProtocolError("spray counts ≥ 0 and keepalive_misses ≥ 1")
         if self.keepalive_interval <= 0 or not 0 < self.retry_min <= self.retry_max:
             raise LocalProtocolError("keepalive and retry intervals must be positive")
-        if not 0 <= self.opening_ttl <= 255 or self.opening_wait < 0 or self.fresh_wait < 0:
-            raise LocalProtocolError("opening_ttl is 0..255, opening_wait and fresh_wait ≥ 0")
+        if not 0 <= self.opening_ttl <= 255 or min(
+            self.opening_wait, self.fresh_wait, self.fresh_quiet, self.fresh_settle
+        ) < 0:
+            raise LocalProtocolError("opening_ttl is 0..255, opening and fresh times ≥ 0")
         if self.relay_rate <= 0 or self.relay_burst < 1:
             raise LocalProtocolError("relay rate must be positive and burst at least 1")
 
@@ -301,6 +312,8 @@ class _Path:
     failed: retries neither spray nor observe again (the NAT probably allocates at random)."""
     retry_at: float | None = None
     retry_delay: float = 0.0
+    probed_at: float = -_INF
+    """When we last sent the member a probe (our NAT's mapping toward it is that fresh)."""
     keepalive_id: int = 0
     keepalive_at: float | None = None
     keepalive_seq: int | None = None
@@ -371,6 +384,8 @@ class Traversal:
         self._open = open_datagram
         self._allow_relay = allow_relay
         self._observe = observe
+        self._settled_at: float | None = None
+        """Until when we wait for our own NAT facts (``fresh_settle`` after the first member)."""
         self._candidates: tuple[Endpoint, ...] = ()
         self._nat = NatInfo()
         self._paths: dict[bytes, _Path] = {}
@@ -397,10 +412,25 @@ class Traversal:
 
     # ------------------------------------------------------------------ local facts
 
-    def set_local(self, candidates: Sequence[Endpoint], nat: NatInfo) -> None:
-        """Our own candidates (public mapping first, then LAN addresses) and NAT facts."""
+    def set_local(
+        self, candidates: Sequence[Endpoint], nat: NatInfo, now: float | None = None
+    ) -> None:
+        """Our own candidates (public mapping first, then LAN addresses) and NAT facts. When
+        the facts become known (at ``now``), punches postponed for them start."""
         self._candidates = tuple(candidates)[:MAX_CANDIDATES]
+        learned = self._nat.mapping is NatMapping.UNKNOWN and nat.mapping is not NatMapping.UNKNOWN
         self._nat = nat
+        if not learned or now is None or self._observe is None:
+            return
+        for path in self._paths.values():
+            if (
+                path.retry_at is not None
+                and path.session is None
+                and path.kind not in (PathKind.DIRECT, PathKind.PUNCHED)
+                and self._predicts_us(path)
+            ):
+                path.retry_at = now
+                self._schedule_path(path)
 
     # ------------------------------------------------------------------ members
 
@@ -412,6 +442,8 @@ class Traversal:
         if path is not None:
             self.update_member(key, endpoints, nat, now)
             return path.endpoint
+        if self._settled_at is None:
+            self._settled_at = now + self._config.fresh_settle
         addresses = tuple(_address(e) for e in endpoints)
         path = _Path(key, addresses, nat, endpoint=addresses[0] if addresses else None)
         path.keepalive_id = self._rng.getrandbits(64)
@@ -766,7 +798,9 @@ class Traversal:
         for addr in (path.endpoint, heard):
             if addr is not None and addr not in targets and not is_virtual(addr):
                 targets.append(addr)
-        if not targets or (self._needs_punch(path) and heard is None):
+        if not targets or (
+            (self._needs_punch(path) or self._predicts_us(path)) and heard is None
+        ):
             self._start_punch(path, now, defer=True)
             return
         self._start_direct(path, targets, now)
@@ -816,10 +850,59 @@ class Traversal:
             path.retry_at = now + self._config.punch_defer
             self._schedule_path(path)
             return
+        later = self._fresh_later(path, now)
+        if later is not None:
+            self.counters["punch_postponed"] += 1
+            if path.kind is not PathKind.RELAYED:
+                self._fall_back(path, now)
+            if path.kind is not PathKind.RELAYED:
+                later = min(later, now + self._config.response_timeout)
+            path.retry_at = later
+            self._schedule_path(path)
+            return
         session = self._new_session(path.key, _Purpose.PUNCH, [], now)
         path.session = session.session_id
         if not self._wait_fresh(path, session, now):
             self._ask_rendezvous(path, session, now)
+
+    def _predicts_us(self, path: _Path) -> bool:
+        """The member will predict our port from a fresh observation (we can make one, our
+        NAT maps per destination or is not known yet, its maps endpoint-independently and
+        may filter, and no such punch toward it failed): nothing of ours may reach its
+        address before that punch, or our NAT's mapping toward it is an old one."""
+        return (
+            self._observe is not None
+            and not path.predicted
+            and self._nat.mapping in (*_SYMMETRIC, NatMapping.UNKNOWN)
+            and path.nat.mapping is NatMapping.ENDPOINT_INDEPENDENT
+            and path.nat.filtering is not NatFiltering.ENDPOINT_INDEPENDENT
+        )
+
+    def _settled_or(self, now: float) -> float:
+        return now if self._settled_at is None else self._settled_at
+
+    def _fresh_later(self, path: _Path, now: float) -> float | None:
+        """When a punch the member will predict our port for can start, if not now: once
+        our NAT facts are known (at most ``fresh_settle``), and ``fresh_quiet`` after our
+        last probe to it."""
+        if not self._predicts_us(path):
+            return None
+        if self._nat.mapping is NatMapping.UNKNOWN:
+            settled = self._settled_or(now)
+            return settled if now < settled else None
+        quiet = path.probed_at + self._config.fresh_quiet
+        return quiet if now < quiet else None
+
+    def keeps_quiet(self, key: bytes) -> bool:
+        """Whether the node must send member ``key`` nothing directly for now (membership
+        datagrams go through a relay only): its path is not found yet and it will predict
+        our port (see ``_predicts_us``)."""
+        path = self._paths.get(key)
+        return (
+            path is not None
+            and path.kind in (PathKind.CONNECTING, PathKind.UNREACHABLE)
+            and self._predicts_us(path)
+        )
 
     def _wait_fresh(self, path: _Path, session: _Session, now: float) -> bool:
         """Ask for a fresh observation of our port counter before the punch, when the member
@@ -1124,6 +1207,8 @@ class Traversal:
         elif addr not in session.full:
             session.full.append(addr)
         session.pending[seq] = (now, addr, ttl is not None)
+        if path is not None:
+            path.probed_at = now
         self._send(session.peer, PunchProbe(session.session_id, seq, False), addr, ttl)
         self.counters["probes_sent"] += 1
 
@@ -1235,6 +1320,9 @@ class Traversal:
                 return
             if request.session in self._recent:
                 self.counters["punch_replay"] += 1
+                return
+            if self._fresh_later(path, now) is not None:
+                self.counters["punch_postponed"] += 1
                 return
             self._remember(request.session)
             session = _Session(
