@@ -142,6 +142,8 @@ class Net:
         self.order = 0
         self.side_owner: dict[Address, int] = {}
         """Ephemeral local address → node, for side datagrams (``side_port_stun``)."""
+        self.sent_at: list[list[tuple[float, Address, bool]]] = [[] for _ in nats]
+        """Per node: (when, destination, from a side port) of everything it sent."""
         self.identities = [
             Identity.from_seed(hashlib.sha256(f"traversal:{i}".encode()).digest())
             for i in range(len(nats))
@@ -201,16 +203,19 @@ class Net:
         for data, destination, ttl in limited:
             assert 1 <= ttl < 255 and not is_virtual(destination)
             self.limited_by[index].append((data, destination))
+            self.sent_at[index].append((self.now, destination, False))
             box = self.box_of[index]
             if box is not None:
                 box.outbound(self.where[index], destination, self.now)
         for data, destination in ordinary:
             assert not is_virtual(destination), "a virtual address reached the network"
             self.sent_by[index].append((data, destination))
+            self.sent_at[index].append((self.now, destination, False))
             self._transmit(self.where[index], self.box_of[index], data, destination)
         for data, destination in node.side_datagrams_to_send():
             local = (self.where[index][0], 30000 + len(self.side_owner))
             self.side_owner[local] = index
+            self.sent_at[index].append((self.now, destination, True))
             self._transmit(local, self.box_of[index], data, destination)
         self.received[index].extend(node.tun_packets())
         self.events[index].extend(node.events())
@@ -455,7 +460,11 @@ def test_a_fresh_observation_from_a_side_port_lets_the_peer_predict_a_busy_nats_
     assert (net.path(1, 2), net.path(2, 1)) == (kind, kind)
     assert counter(net, 2, "fresh_observations") == (1 if side_port_stun else 0)
     assert net.churned >= 3900
+    toward_peer = [at for at, to, _ in net.sent_at[2] if to[0] == "203.0.113.2"]
+    assert toward_peer
     if side_port_stun:
+        observed_at = min(at for at, _, side in net.sent_at[2] if side)
+        assert min(toward_peer) > observed_at, "our NAT had a mapping toward the peer already"
         relayed_before = counter(net, 0, "relay_forwarded")
         assert net.exchange(1, 2, b"fresh")
         assert counter(net, 0, "relay_forwarded") == relayed_before
@@ -1034,3 +1043,52 @@ def test_no_opening_ttl_toward_a_member_whose_nat_lets_us_in(
     assert all(ttl is None for _, _, ttl in lone.drain())
     assert lone.traversal.opening_ttl(b"\x05" * 32, ("198.51.104.1", PORT)) is None
     assert lone.traversal.counters["opening_probes_sent"] == 0
+
+
+def test_behind_a_per_destination_nat_the_punch_waits_for_our_nat_facts_and_a_fresh_port() -> None:
+    """A node that can observe from side ports sends a member that will predict its port
+    (endpoint-independent mapping, filtering) nothing directly before the punch: no direct
+    check while its own NAT facts are unknown (relayed meanwhile), then, as soon as they say
+    per-destination, a fresh observation first, and the PunchRequest names that port first."""
+    own, rendezvous, peer = b"\x01" * 32, b"\x05" * 32, b"\x02" * 32
+    observed_at: list[float] = []
+
+    def observe(now: float) -> bool:
+        observed_at.append(now)
+        return True
+
+    lone = LoneTraversal(own)
+    lone.traversal = Traversal(
+        own,
+        config=TraversalConfig(),
+        rng=random.Random(3),
+        seal=lambda key, message: pickle.dumps((key, message)),
+        open_datagram=lambda data: None,
+        observe=observe,
+    )
+    traversal = lone.traversal
+    mine = Endpoint("10.0.0.5", PORT)
+    traversal.set_local([mine], NatInfo())
+    relay_info = dataclasses.replace(PUBLIC, allows_relay=True)
+    traversal.add_member(rendezvous, [Endpoint("198.51.100.1", PORT)], relay_info, 0.0)
+    probe = next(m for m, _, _ in lone.drain() if isinstance(m, PunchProbe))
+    traversal.on_message(
+        rendezvous, PunchProbe(probe.session, probe.seq, True), ("198.51.100.1", PORT), 0.02
+    )
+    peer_address = ("203.0.113.2", PORT)
+    traversal.add_member(peer, [Endpoint(*peer_address)], PORT_RESTRICTED, 0.1)
+    assert traversal.paths()[peer].kind is PathKind.RELAYED
+    lone.run_until(4.0)
+    assert traversal.paths()[peer].kind is PathKind.RELAYED
+    assert traversal.counters["punch_postponed"] >= 1 and observed_at == []
+    assert all(addr != peer_address for _, addr, _ in lone.sent)
+    traversal.set_local([mine], SYMMETRIC, 4.5)
+    lone.run_until(4.5)
+    assert observed_at == [4.5]
+    assert not any(isinstance(m, PunchRequest) for m, _, _ in lone.drain())
+    fresh = Endpoint("203.0.113.5", 40100)
+    traversal.fresh_mapping(fresh, 4.55)
+    request = next(m for m, _, _ in lone.drain() if isinstance(m, PunchRequest))
+    assert request.candidates[:2] == (fresh, mine)
+    assert traversal.counters["fresh_observations"] == 1
+    assert all(addr != peer_address for _, addr, _ in lone.sent)
