@@ -438,7 +438,7 @@ class Node:
         self.device.on_timer(now)
         self.stun_client.on_timer(now)
         self._side_stun.on_timer(now)
-        self._side_stun.events()
+        self._side_stun.events()  # timeouts: the punch stops waiting after fresh_wait anyway
         self.traversal.on_timer(now)
         if self._prober is not None:
             self._prober.on_timer(now)
