@@ -78,6 +78,8 @@ class NatBox:
 
     public_ip: str
     symmetric: bool = False
+    per_address: bool = False
+    """With ``symmetric``: one mapping per destination IP, not per IP and port."""
     random_ports: bool = False
     conntrack_clash: bool = False
     clash_random: bool = False
@@ -90,7 +92,8 @@ class NatBox:
     unsolicited: set[tuple[int, Address]] = field(default_factory=set)
 
     def outbound(self, inside: Address, destination: Address, now: float) -> Address:
-        key: tuple[Address, Address | None] = (inside, destination if self.symmetric else None)
+        toward = (destination[0], 0) if self.per_address else destination
+        key: tuple[Address, Address | None] = (inside, toward if self.symmetric else None)
         port = self.mappings.get(key)
         if port is not None and (port, destination) in self.unsolicited:
             key = (inside, destination)
@@ -431,7 +434,8 @@ class BusyNatNet(TimedNet):
     def flush(self, index: int) -> None:
         while self.churned < int(self.now * self.rate):
             self.churned += 1
-            self.busy.outbound(("10.2.0.9", 40000), ("192.0.2.1", self.churned), self.now)
+            destination = (f"192.0.{self.churned // 250}.{self.churned % 250 + 1}", 9)
+            self.busy.outbound(("10.2.0.9", 40000), destination, self.now)
         super().flush(index)
 
 
@@ -468,6 +472,36 @@ def test_a_fresh_observation_from_a_side_port_lets_the_peer_predict_a_busy_nats_
         relayed_before = counter(net, 0, "relay_forwarded")
         assert net.exchange(1, 2, b"fresh")
         assert counter(net, 0, "relay_forwarded") == relayed_before
+
+
+@pytest.mark.parametrize("toward", [False, True])
+def test_a_nat_mapping_per_destination_address_is_observed_through_the_peers_neighbour(
+    toward: bool,
+) -> None:
+    """Behind a busy NAT that maps per destination *address*, toward a member whose NAT
+    neighbour we already reach: our NAT's mapping toward their shared IP is the old one
+    made for the neighbour, so the fresh port alone predicts nothing. The neighbour answers
+    STUN on its mesh port, and its answer is the port the member will see; named as a
+    candidate, the member probes it and the pair is punched."""
+    busy = NatBox("203.0.113.4", symmetric=True, per_address=True)
+    shared = NatBox("203.0.113.2")
+    net = BusyNatNet([None, shared, shared, busy], busy=busy, rate=100.0, side_port_stun=True)
+    if not toward:
+        for node in net.nodes:
+            node.traversal._member_at_ip_of = lambda path: None  # type: ignore[method-assign]
+    net.nodes[3].join([net.where[0]], net.now)
+    net.flush(3)
+    net.run_until(5.0)
+    net.nodes[1].join([net.where[0]], net.now)
+    net.flush(1)
+    net.run_until(15.0)
+    assert (net.path(3, 1), net.path(1, 3)) == (PathKind.PUNCHED, PathKind.PUNCHED)
+    net.nodes[2].join([net.where[0]], net.now)
+    net.flush(2)
+    net.run_until(40.0)
+    kind = PathKind.PUNCHED if toward else PathKind.RELAYED
+    assert (net.path(3, 2), net.path(2, 3)) == (kind, kind)
+    assert counter(net, 3, "toward_observations") == (1 if toward else 0)
 
 
 def test_one_symmetric_side_with_random_ports_is_relayed() -> None:
@@ -1053,7 +1087,8 @@ def test_behind_a_per_destination_nat_the_punch_waits_for_our_nat_facts_and_a_fr
     own, rendezvous, peer = b"\x01" * 32, b"\x05" * 32, b"\x02" * 32
     observed_at: list[float] = []
 
-    def observe(now: float) -> bool:
+    def observe(now: float, toward: Address | None) -> bool:
+        assert toward is None
         observed_at.append(now)
         return True
 

@@ -226,6 +226,8 @@ class Node:
         self.stun_client = StunClient(entropy=entropy)
         self._side_stun = StunClient(entropy=entropy, timing=_SIDE_STUN_TIMING)
         """Fresh observations for port prediction, from ephemeral ports (``side_port_stun``)."""
+        self._toward_stun = StunClient(entropy=entropy, timing=_SIDE_STUN_TIMING)
+        """Our mesh port's mapping as a punch peer's NAT neighbour sees it (same purpose)."""
         self._entropy = entropy
         self._stun_responder = StunResponder() if config.stun_responder else None
         self._stun_servers: list[Address] = []
@@ -379,6 +381,13 @@ class Node:
         if self.stun_client.matches(data):
             self.stun_client.receive_datagram(data, addr, now)
             return
+        if self._toward_stun.matches(data):
+            self._toward_stun.receive_datagram(data, addr, now)
+            for event in self._toward_stun.events():
+                if isinstance(event, MappedAddress):
+                    mapped = codec.canonical_endpoint(Endpoint(*event.mapped))
+                    self.traversal.mapping_toward(event.server, mapped, now)
+            return
         self.counters["stun_dropped"] += 1
 
     def receive_side_datagram(self, data: bytes, addr: Address, now: float) -> None:
@@ -401,12 +410,15 @@ class Node:
         couple of seconds for the answer (``NodeConfig.side_port_stun``)."""
         return self._side_stun.datagrams_to_send()
 
-    def _observe_fresh_mapping(self, now: float) -> bool:
+    def _observe_fresh_mapping(self, now: float, toward: Address | None) -> bool:
         """Ask a STUN server (configured, or a public member) from a new local port: our NAT
-        gives that port a new mapping, whose port tells where its counter is right now."""
+        gives that port a new mapping, whose port tells where its counter is right now. With
+        ``toward`` (a member, which answers STUN), ask it from the mesh port too."""
         if not self._stun_servers:
             return False
         self._side_stun.query(self._stun_servers[0], now)
+        if toward is not None:
+            self._toward_stun.query(toward, now)
         return True
 
     def _answer_stun(self, data: bytes, addr: Address) -> None:
@@ -425,6 +437,7 @@ class Node:
             self.device.next_deadline(),
             self.stun_client.next_deadline(),
             self._side_stun.next_deadline(),
+            self._toward_stun.next_deadline(),
             self.traversal.next_deadline(),
             None if self._prober is None else self._prober.next_deadline(),
         ):
@@ -438,7 +451,9 @@ class Node:
         self.device.on_timer(now)
         self.stun_client.on_timer(now)
         self._side_stun.on_timer(now)
+        self._toward_stun.on_timer(now)
         self._side_stun.events()  # timeouts: the punch stops waiting after fresh_wait anyway
+        self._toward_stun.events()
         self.traversal.on_timer(now)
         if self._prober is not None:
             self._prober.on_timer(now)
@@ -468,6 +483,7 @@ class Node:
         out = self._outbox
         self._outbox = []
         out.extend(self.stun_client.datagrams_to_send())
+        out.extend(self._toward_stun.datagrams_to_send())
         if self._prober is not None:
             out.extend(self._prober.datagrams_to_send())
         out.extend(self.traversal.datagrams_to_send())

@@ -99,6 +99,7 @@ COUNTERS = (
     "punch_responses_forwarded",
     "punch_started",
     "fresh_observations",
+    "toward_observations",
     "punch_postponed",
     "fresh_missed",
     "punch_succeeded",
@@ -289,6 +290,11 @@ class _Session:
     """Waiting for a fresh observation of our NAT's port counter until then."""
     fresh: Endpoint | None = None
     """The fresh observation this punch named (first among our candidates)."""
+    toward: Address | None = None
+    """A member at the peer's public IP we asked from the mesh port too..."""
+    toward_mapped: Endpoint | None = None
+    """...and what it saw: our NAT's mapping toward that IP, the one the peer sees if our
+    NAT maps per destination address (not port)."""
     answer: tuple[bytes, Address, PunchRequest] | None = None
     """Target side: the rendezvous and request to answer once the observation is in."""
 
@@ -369,13 +375,14 @@ class Traversal:
         seal: Callable[[bytes, Message], bytes | None],
         open_datagram: Callable[[bytes], tuple[bytes, Message] | None],
         allow_relay: bool = False,
-        observe: Callable[[float], bool] | None = None,
+        observe: Callable[[float, Address | None], bool] | None = None,
     ) -> None:
         """``seal(peer, message)`` makes the datagram for a trusted member (None if it
         cannot); ``open_datagram`` authenticates one from a trusted member; ``allow_relay``
-        lets other members relay through this node; ``observe(now)`` asks for a fresh
-        observation of our public mapping from a new local port (answered through
-        ``fresh_mapping``), False when it cannot be had."""
+        lets other members relay through this node; ``observe(now, toward)`` asks for a
+        fresh observation of our public mapping from a new local port (answered through
+        ``fresh_mapping``) and, with ``toward``, for our mesh port's mapping as that member
+        sees it (``mapping_toward``); False when it cannot be had."""
         self._own = own_key
         self._own_id = key_id(own_key)
         self._config = config
@@ -575,10 +582,25 @@ class Traversal:
         """The observation ``observe`` asked for: a new local port was seen at ``mapped``.
         Punches waiting for it go on, naming it first among our candidates."""
         for session in list(self._sessions.values()):
-            if session.fresh_until is not None:
+            if session.fresh_until is not None and session.fresh is None:
                 session.fresh = mapped
                 self.counters["fresh_observations"] += 1
-                self._fresh_done(session, now)
+                if session.toward is None or session.toward_mapped is not None:
+                    self._fresh_done(session, now)
+
+    def mapping_toward(self, member: Address, mapped: Endpoint, now: float) -> None:
+        """The member at ``member`` (at a peer's public IP) saw our mesh port at ``mapped``:
+        the punch waiting for it names that too (the peer probes every candidate)."""
+        for session in list(self._sessions.values()):
+            if (
+                session.fresh_until is not None
+                and session.toward == member
+                and session.toward_mapped is None
+            ):
+                session.toward_mapped = mapped
+                self.counters["toward_observations"] += 1
+                if session.fresh is not None:
+                    self._fresh_done(session, now)
 
     def on_peer_unreachable(self, key: bytes, now: float) -> None:
         """WireGuard gave up handshaking on the current path: look for another one."""
@@ -914,14 +936,34 @@ class Traversal:
             or self._nat.mapping not in _SYMMETRIC
             or path.nat.mapping is not NatMapping.ENDPOINT_INDEPENDENT
             or path.nat.filtering is NatFiltering.ENDPOINT_INDEPENDENT
-            or not self._observe(now)
         ):
             return False
+        toward = self._member_at_ip_of(path)
+        if not self._observe(now, toward):
+            return False
+        session.toward = toward
         session.fresh_until = now + self._config.fresh_wait
         session.next_round = None
         session.expires = session.fresh_until
         self._schedule_session(session)
         return True
+
+    def _member_at_ip_of(self, path: _Path) -> Address | None:
+        """Where we reach another member at the public IP the member of ``path`` advertises
+        first (its NAT neighbour), if any: our NAT's mapping toward that IP may be old, and
+        a NAT that maps per destination address uses it toward the member too."""
+        if not path.endpoints:
+            return None
+        host = path.endpoints[0][0]
+        for key, other in self._paths.items():
+            if (
+                key != path.key
+                and other.kind in (PathKind.DIRECT, PathKind.PUNCHED)
+                and other.endpoint is not None
+                and other.endpoint[0] == host
+            ):
+                return other.endpoint
+        return None
 
     def _fresh_done(self, session: _Session, now: float) -> None:
         """The observation came (``session.fresh``) or the wait is over: start the punch."""
@@ -940,10 +982,13 @@ class Traversal:
         self._ask_rendezvous(path, session, now)
 
     def _own_candidates(self, session: _Session) -> tuple[Endpoint, ...]:
-        """What we tell the member: the fresh observation first (if any), then ours."""
-        if session.fresh is None or session.fresh in self._candidates:
-            return self._candidates
-        return (session.fresh, *self._candidates)[:MAX_CANDIDATES]
+        """What we tell the member: the fresh observation first (if any), our mapping toward
+        its IP (if observed), then ours."""
+        named: list[Endpoint] = []
+        for endpoint in (session.fresh, session.toward_mapped, *self._candidates):
+            if endpoint is not None and endpoint not in named:
+                named.append(endpoint)
+        return tuple(named[:MAX_CANDIDATES])
 
     def _ask_rendezvous(self, path: _Path, session: _Session, now: float) -> None:
         rendezvous = self._choose_rendezvous(path.key, session.tried)
