@@ -261,6 +261,8 @@ class MeshCore:
         self.send_packets = node.send_packets
         self.datagrams_to_send = node.datagrams_to_send
         self.split_datagrams_to_send = node.split_datagrams_to_send
+        self.side_datagrams_to_send = node.side_datagrams_to_send
+        self.receive_side_datagram = node.receive_side_datagram
         self.events = node.events
         self._housekeeping = housekeeping
         self._housekeeping_at = now
@@ -788,6 +790,7 @@ class MeshDaemon:
                 stun_servers=tuple(stun_servers),
                 allow_relay=settings.relay,
                 traversal=TraversalConfig(opening_ttl=settings.opening_ttl),
+                side_port_stun=True,
                 external_wireguard=self.external is not None,
             ),
             trusted_keys=trusted,

@@ -125,7 +125,7 @@ class NodeCore:
         self.node = Node(
             host.identity,
             config=NodeConfig(swim=swim_config(host.protocol), nat=nat,
-                              allow_relay=allow_relay),
+                              allow_relay=allow_relay, side_port_stun=True),
             trusted_keys=host.trusted_keys,
             advertised_endpoints=[Endpoint(host.address[0], host.address[1])],
             rng=host.rng,
@@ -153,6 +153,15 @@ class NodeCore:
 
     def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
         return self.node.datagrams_to_send()
+
+    def side_datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        """STUN requests the runner sends each from a new port of the host (fresh NAT
+        observations for port prediction)."""
+        return self.node.side_datagrams_to_send()
+
+    def receive_side_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        self._now = now
+        self.node.receive_side_datagram(data, addr, now)
 
     def events(self) -> Sequence[object]:
         from meshguard.sansio.swim import MembershipEvent

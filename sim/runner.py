@@ -29,10 +29,19 @@ from typing import Any
 import simpy
 from tqdm import tqdm
 
+from meshguard.drivers.side_ports import SIDE_PORT_LIFETIME
 from meshguard.identity.keys import Identity
 from meshguard.identity.meshaddr import mesh_ipv4
 from meshguard.sansio.types import Address
-from sim.cores import Core, CoreFactory, HostContext, membership_core, node_core, swim_config
+from sim.cores import (
+    Core,
+    CoreFactory,
+    HostContext,
+    NodeCore,
+    membership_core,
+    node_core,
+    swim_config,
+)
 from sim.metrics import MembershipTracker, Series, Trace, Violation, summarise
 from sim.nat import NatPlan, place_nats
 from sim.network import Call, Network, build_underlay, call_later
@@ -61,6 +70,10 @@ RUN_GC_THRESHOLDS = (100_000, 50, 20)
 mesh holds millions of long-lived objects (tables, records, queued datagrams) and creates few
 cycles, so the default's frequent collections, each full one walking the whole heap, cost 13%
 of the CPU at 1000 nodes; with these, 1%. Collection timing cannot change a run's outcome."""
+
+
+SIDE_PORT_BASE = 40000
+"""Side ports (fresh NAT observations) count up from here; hosts use one mesh port below."""
 
 
 def stream(seed: int, purpose: str, name: str = "") -> random.Random:
@@ -122,6 +135,7 @@ class Simulation:
         self.env = simpy.Environment()
         self._wake_callbacks = (self._wake,)
         self.trace = Trace()
+        self._side_port = SIDE_PORT_BASE
         self.hosts = self._make_hosts()
         self.graph = build_underlay(scenario, [(h.name, h.group) for h in self.hosts.values()])
         initial = initial_node_names(scenario.nodes)
@@ -234,6 +248,8 @@ class Simulation:
         address = host.address
         for data, destination in core.datagrams_to_send():
             send(address, destination, data)
+        if isinstance(core, NodeCore):
+            self._send_from_side_ports(host, core)
         if self.traffic is not None:
             packets = core.tun_packets()  # type: ignore[attr-defined]
             if packets:
@@ -248,6 +264,21 @@ class Simulation:
         host.wake_generation += 1
         delay = max(0.0, deadline - self.env.now)
         call_later(self.env, delay, self._wake_callbacks, (host, host.wake_generation))
+
+    def _send_from_side_ports(self, host: Host, core: NodeCore) -> None:
+        """As the Linux driver does: each datagram from a new port of the host, answers to
+        that port back to the node for ``SIDE_PORT_LIFETIME`` seconds."""
+        for data, destination in core.side_datagrams_to_send():
+            self._side_port += 1
+            local = (host.address[0], self._side_port)
+            self.network.bind(local, partial(self._side_receive, host, core))
+            self.network.send(local, destination, data)
+            self._at(self.env.now + SIDE_PORT_LIFETIME, partial(self.network.unbind, local))
+
+    def _side_receive(self, host: Host, core: NodeCore, data: bytes, source: Address) -> None:
+        if host.core is core:
+            core.receive_side_datagram(data, source, self.env.now)
+            self._after(host)
 
     def _wake(self, call: Call) -> None:
         wake: tuple[Host, int] = call.value  # type: ignore[assignment]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 
 from meshguard.drivers import offload
 from meshguard.drivers.core import Core, SplitCore
+from meshguard.drivers.side_ports import SideCore, SidePorts
 from meshguard.drivers.tun import MAX_READ, TunDevice
 from meshguard.drivers.udp import UdpSocket
 
@@ -70,7 +71,10 @@ class DataPlane:
         self.counters = DataPlaneCounters()
         self._stop_read, self._stop_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
+        self._poller = select.epoll()
         self._readers: dict[int, Callable[[], None]] = {}
+        self.side = SidePorts(core, self, clock) if isinstance(core, SideCore) else None
+        """Sends the core's fresh-observation datagrams from new ports (port prediction)."""
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` from the loop whenever ``fd`` is readable (e.g. a control socket).
@@ -78,6 +82,11 @@ class DataPlane:
         The callback may use the core; what it makes the core produce is sent right after.
         """
         self._readers[fd] = callback
+        self._poller.register(fd, select.EPOLLIN)
+
+    def remove_reader(self, fd: int) -> None:
+        del self._readers[fd]
+        self._poller.unregister(fd)
 
     def stop(self) -> None:
         """Ask the loop to return; safe from a signal handler or another thread."""
@@ -86,17 +95,17 @@ class DataPlane:
             os.write(self._stop_write, b"x")
 
     def close(self) -> None:
+        if self.side is not None:
+            self.side.close()
+        self._poller.close()
         os.close(self._stop_read)
         os.close(self._stop_write)
 
     def run(self) -> None:
         tun_fd = self.tun.fileno()
         udp_fd = self.udp.fileno()
-        poller = select.epoll()
-        poller.register(tun_fd, select.EPOLLIN)
-        poller.register(udp_fd, select.EPOLLIN)
-        poller.register(self._stop_read, select.EPOLLIN)
-        for fd in self._readers:
+        poller = self._poller
+        for fd in (tun_fd, udp_fd, self._stop_read):
             poller.register(fd, select.EPOLLIN)
         try:
             while not self._stopping:
@@ -110,7 +119,7 @@ class DataPlane:
                         self._from_tun()
                     elif fd == self._stop_read:
                         self._stopping = True
-                    else:
+                    elif fd in self._readers:
                         self._readers[fd]()
                         self._flush()
                 deadline = self.core.next_deadline()
@@ -118,7 +127,8 @@ class DataPlane:
                     self.core.on_timer(self.clock())
                     self._flush()
         finally:
-            poller.close()
+            for fd in (tun_fd, udp_fd, self._stop_read):
+                poller.unregister(fd)
 
     def _from_tun(self) -> None:
         read = os.read
@@ -171,6 +181,8 @@ class DataPlane:
                 self.udp.send_limited(limited)
         if datagrams:
             self.udp.send(datagrams)
+        if self.side is not None:
+            self.side.flush()
         packets = core.tun_packets()
         if packets:
             self._write_tun(packets)

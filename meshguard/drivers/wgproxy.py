@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from meshguard.drivers.side_ports import SideCore, SidePorts
 from meshguard.drivers.uapi import ExternalPeerStats, UapiClient, peer_lines
 from meshguard.drivers.udp import UdpSocket
 from meshguard.errors import UserError
@@ -184,11 +185,17 @@ class ProxyPlane:
         self._last_unknown: Address | None = None
         for fd in (udp.fileno(), self._stop_read, self._shared.fileno()):
             self._poller.register(fd, select.EPOLLIN)
+        self.side = SidePorts(core, self, clock) if isinstance(core, SideCore) else None
+        """Sends the core's fresh-observation datagrams from new ports (port prediction)."""
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` from the loop whenever ``fd`` is readable."""
         self._readers[fd] = callback
         self._poller.register(fd, select.EPOLLIN)
+
+    def remove_reader(self, fd: int) -> None:
+        del self._readers[fd]
+        self._poller.unregister(fd)
 
     def stop(self) -> None:
         self._stopping = True
@@ -196,6 +203,8 @@ class ProxyPlane:
             os.write(self._stop_write, b"x")
 
     def close(self) -> None:
+        if self.side is not None:
+            self.side.close()
         for proxy in list(self._proxies.values()):
             proxy.sock.close()
         self._proxies.clear()
@@ -280,6 +289,8 @@ class ProxyPlane:
             self.udp.send_limited(limited)
         if datagrams:
             self.udp.send(datagrams)
+        if self.side is not None:
+            self.side.flush()
         events = self.core.events()
         for event in events:
             self._mirror(event)
