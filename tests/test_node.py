@@ -26,6 +26,7 @@ from meshguard.sansio.traversal import PathKind
 from meshguard.sansio.types import Address
 from sim.nat import NAT_TYPES, Nat
 from sim.network import Packet
+from tests.event_order import next_event
 
 PORT = 51821
 
@@ -96,20 +97,10 @@ class Mesh:
         self.events[index].extend(node.events())
 
     def run_until(self, end: float) -> None:
-        while True:
-            deadlines = [
-                (deadline, i)
-                for i, node in enumerate(self.nodes)
-                if i not in self.down and (deadline := node.next_deadline()) is not None
-            ]
-            next_timer = min(deadlines, default=(float("inf"), -1))
-            next_datagram = self.in_flight[0][0] if self.in_flight else float("inf")
-            moment = min(next_timer[0], next_datagram)
-            if moment > end:
-                self.now = end
-                return
+        while (step := next_event(self.nodes, self.in_flight, end, skip=self.down)) is not None:
+            moment, due = step
             self.now = max(self.now, moment)
-            if next_datagram <= next_timer[0]:
+            if due is None:
                 _, _, data, source, destination = heapq.heappop(self.in_flight)
                 index = self.index_of.get(destination)
                 if index is None or index in self.down:
@@ -117,8 +108,9 @@ class Mesh:
                 self.nodes[index].receive_datagram(data, source, self.now)
                 self.flush(index)
             else:
-                self.nodes[next_timer[1]].on_timer(self.now)
-                self.flush(next_timer[1])
+                self.nodes[due].on_timer(self.now)
+                self.flush(due)
+        self.now = end
 
     def send(self, source: int, packets: list[bytes]) -> None:
         self.nodes[source].send_packets(packets, self.now)
@@ -424,26 +416,17 @@ class SiteMesh:
         self.events[index].extend(node.events())
 
     def run_until(self, end: float) -> None:
-        while True:
-            deadlines = [
-                (deadline, i)
-                for i, node in enumerate(self.nodes)
-                if (deadline := node.next_deadline()) is not None
-            ]
-            next_timer = min(deadlines, default=(float("inf"), -1))
-            next_datagram = self.in_flight[0][0] if self.in_flight else float("inf")
-            moment = min(next_timer[0], next_datagram)
-            if moment > end:
-                self.now = end
-                return
+        while (step := next_event(self.nodes, self.in_flight, end)) is not None:
+            moment, due = step
             self.now = max(self.now, moment)
-            if next_datagram <= next_timer[0]:
+            if due is None:
                 _, _, data, source, receiver = heapq.heappop(self.in_flight)
                 self.nodes[receiver].receive_datagram(data, source, self.now)
                 self.flush(receiver)
             else:
-                self.nodes[next_timer[1]].on_timer(self.now)
-                self.flush(next_timer[1])
+                self.nodes[due].on_timer(self.now)
+                self.flush(due)
+        self.now = end
 
     def join_all(self) -> None:
         for i in range(1, len(self.nodes)):

@@ -51,6 +51,7 @@ from meshguard.sansio.traversal import (
 )
 from meshguard.sansio.types import Address
 from meshguard.sansio.wireguard import HandshakeCompleted
+from tests.event_order import next_event
 from tests.test_node import ipv4_udp_packet
 
 PORT = 51821
@@ -256,20 +257,10 @@ class Net:
         return None
 
     def run_until(self, end: float) -> None:
-        while True:
-            deadlines = [
-                (deadline, i)
-                for i, node in enumerate(self.nodes)
-                if (deadline := node.next_deadline()) is not None
-            ]
-            next_timer = min(deadlines, default=(float("inf"), -1))
-            next_datagram = self.in_flight[0][0] if self.in_flight else float("inf")
-            moment = min(next_timer[0], next_datagram)
-            if moment > end:
-                self.now = end
-                return
+        while (step := next_event(self.nodes, self.in_flight, end)) is not None:
+            moment, due = step
             self.now = max(self.now, moment)
-            if next_datagram <= next_timer[0]:
+            if due is None:
                 _, _, data, source, destination = heapq.heappop(self.in_flight)
                 found = self._receiver(source, destination)
                 if found is None:
@@ -281,8 +272,9 @@ class Net:
                     self.nodes[index].receive_datagram(data, source, self.now)
                 self.flush(index)
             else:
-                self.nodes[next_timer[1]].on_timer(self.now)
-                self.flush(next_timer[1])
+                self.nodes[due].on_timer(self.now)
+                self.flush(due)
+        self.now = end
 
     def join_all(self) -> None:
         for i in range(1, len(self.nodes)):
