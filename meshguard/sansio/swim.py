@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import functools
 import heapq
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -160,7 +161,7 @@ COUNTERS = (
 
 
 _SHARED_PAIR_KEYS_MAX = 1 << 20
-_shared_pair_keys: dict[tuple[bytes, bytes], bytes] = {}
+_shared_pair_keys: OrderedDict[tuple[bytes, bytes], bytes] = OrderedDict()
 
 
 def _shared_pair_key(identity: Identity, peer: bytes) -> bytes | None:
@@ -181,7 +182,7 @@ def _shared_pair_key(identity: Identity, peer: bytes) -> bytes | None:
         except ValueError:
             return None
         if len(_shared_pair_keys) >= _SHARED_PAIR_KEYS_MAX:
-            del _shared_pair_keys[next(iter(_shared_pair_keys))]
+            _shared_pair_keys.popitem(last=False)
         _shared_pair_keys[pair] = key
     return key
 
