@@ -11,7 +11,6 @@ One timer, re-armed from ``next_deadline`` after every round.
 from __future__ import annotations
 
 import base64
-import contextlib
 import errno
 import logging
 import os
@@ -22,7 +21,7 @@ from dataclasses import dataclass, fields
 
 from meshguard.drivers import offload
 from meshguard.drivers.core import Core, SplitCore
-from meshguard.drivers.side_ports import SideCore, SidePorts
+from meshguard.drivers.pollloop import PollLoop
 from meshguard.drivers.tun import MAX_READ, TunDevice
 from meshguard.drivers.udp import UdpSocket
 
@@ -47,7 +46,7 @@ class DataPlaneCounters:
     udp_batches: int = 0
 
 
-class DataPlane:
+class DataPlane(PollLoop):
     """Drives one core with one TUN device and one UDP socket until stopped."""
 
     def __init__(
@@ -60,6 +59,7 @@ class DataPlane:
         on_event: Callable[[object], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(core, clock)
         self.core = core
         self.split: SplitCore | None = core if isinstance(core, SplitCore) else None
         """The core again when it hands out TTL-limited datagrams (sent with their TTL)."""
@@ -67,68 +67,17 @@ class DataPlane:
         self.udp = udp
         self.mtu = mtu
         self.on_event = on_event
-        self.clock = clock
         self.counters = DataPlaneCounters()
-        self._stop_read, self._stop_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._stopping = False
-        self._poller = select.epoll()
-        self._readers: dict[int, Callable[[], None]] = {}
-        self.side = SidePorts(core, self, clock) if isinstance(core, SideCore) else None
-        """Sends the core's fresh-observation datagrams from new ports (port prediction)."""
+        self._tun_fd = tun.fileno()
+        self._udp_fd = udp.fileno()
+        for fd in (self._tun_fd, self._udp_fd):
+            self._poller.register(fd, select.EPOLLIN)
 
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        """Call ``callback`` from the loop whenever ``fd`` is readable (e.g. a control socket).
-
-        The callback may use the core; what it makes the core produce is sent right after.
-        """
-        self._readers[fd] = callback
-        self._poller.register(fd, select.EPOLLIN)
-
-    def remove_reader(self, fd: int) -> None:
-        del self._readers[fd]
-        self._poller.unregister(fd)
-
-    def stop(self) -> None:
-        """Ask the loop to return; safe from a signal handler or another thread."""
-        self._stopping = True
-        with contextlib.suppress(OSError):
-            os.write(self._stop_write, b"x")
-
-    def close(self) -> None:
-        if self.side is not None:
-            self.side.close()
-        self._poller.close()
-        os.close(self._stop_read)
-        os.close(self._stop_write)
-
-    def run(self) -> None:
-        tun_fd = self.tun.fileno()
-        udp_fd = self.udp.fileno()
-        poller = self._poller
-        for fd in (tun_fd, udp_fd, self._stop_read):
-            poller.register(fd, select.EPOLLIN)
-        try:
-            while not self._stopping:
-                deadline = self.core.next_deadline()
-                timeout = -1.0 if deadline is None else max(0.0, deadline - self.clock())
-                ready = poller.poll(timeout)
-                for fd, _mask in ready:
-                    if fd == udp_fd:
-                        self._from_network()
-                    elif fd == tun_fd:
-                        self._from_tun()
-                    elif fd == self._stop_read:
-                        self._stopping = True
-                    elif fd in self._readers:
-                        self._readers[fd]()
-                        self._flush()
-                deadline = self.core.next_deadline()
-                if deadline is not None and self.clock() >= deadline:
-                    self.core.on_timer(self.clock())
-                    self._flush()
-        finally:
-            for fd in (tun_fd, udp_fd, self._stop_read):
-                poller.unregister(fd)
+    def _ready(self, fd: int) -> None:
+        if fd == self._udp_fd:
+            self._from_network()
+        elif fd == self._tun_fd:
+            self._from_tun()
 
     def _from_tun(self) -> None:
         read = os.read

@@ -17,10 +17,8 @@ persistent keepalive so the NAT mapping stays open.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
-import os
 import select
 import socket
 import time
@@ -28,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from meshguard.drivers.side_ports import SideCore, SidePorts
+from meshguard.drivers.pollloop import PollLoop
 from meshguard.drivers.uapi import ExternalPeerStats, UapiClient, peer_lines
 from meshguard.drivers.udp import UdpSocket
 from meshguard.errors import UserError
@@ -154,7 +152,7 @@ def _loopback_socket() -> socket.socket:
     return sock
 
 
-class ProxyPlane:
+class ProxyPlane(PollLoop):
     """Runs the Node on the mesh port and proxies WireGuard datagrams to an external one."""
 
     def __init__(
@@ -167,52 +165,29 @@ class ProxyPlane:
         on_event: Callable[[object], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(core, clock)
         self.core = core
         self.node = core.node
         self.external = external
         self.udp = udp
         self.wireguard_address = (LOOPBACK, wireguard_port)
         self.on_event = on_event
-        self.clock = clock
         self.counters = ProxyCounters()
-        self._poller = select.epoll()
-        self._stop_read, self._stop_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._stopping = False
-        self._readers: dict[int, Callable[[], None]] = {}
         self._proxies: dict[bytes, _Proxy] = {}
         self._by_fd: dict[int, _Proxy] = {}
         self._shared = _loopback_socket()
         self._last_unknown: Address | None = None
-        for fd in (udp.fileno(), self._stop_read, self._shared.fileno()):
+        self._udp_fd = udp.fileno()
+        for fd in (self._udp_fd, self._shared.fileno()):
             self._poller.register(fd, select.EPOLLIN)
-        self.side = SidePorts(core, self, clock) if isinstance(core, SideCore) else None
-        """Sends the core's fresh-observation datagrams from new ports (port prediction)."""
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        """Call ``callback`` from the loop whenever ``fd`` is readable."""
-        self._readers[fd] = callback
-        self._poller.register(fd, select.EPOLLIN)
-
-    def remove_reader(self, fd: int) -> None:
-        del self._readers[fd]
-        self._poller.unregister(fd)
-
-    def stop(self) -> None:
-        self._stopping = True
-        with contextlib.suppress(OSError):
-            os.write(self._stop_write, b"x")
 
     def close(self) -> None:
-        if self.side is not None:
-            self.side.close()
         for proxy in list(self._proxies.values()):
             proxy.sock.close()
         self._proxies.clear()
         self._by_fd.clear()
         self._shared.close()
-        self._poller.close()
-        os.close(self._stop_read)
-        os.close(self._stop_write)
+        super().close()
 
     def proxy_port(self, member: bytes) -> int | None:
         """The loopback port standing for ``member`` (the external peer's endpoint)."""
@@ -220,28 +195,16 @@ class ProxyPlane:
         return None if proxy is None else int(proxy.sock.getsockname()[1])
 
     def run(self) -> None:
-        udp_fd = self.udp.fileno()
-        shared_fd = self._shared.fileno()
         self._flush()
-        while not self._stopping:
-            deadline = self.core.next_deadline()
-            timeout = -1.0 if deadline is None else max(0.0, deadline - self.clock())
-            for fd, _mask in self._poller.poll(timeout):
-                if fd == udp_fd:
-                    self._from_mesh()
-                elif fd == self._stop_read:
-                    self._stopping = True
-                elif fd == shared_fd:
-                    self._from_shared()
-                elif fd in self._by_fd:
-                    self._from_proxy(self._by_fd[fd])
-                elif fd in self._readers:
-                    self._readers[fd]()
-                    self._flush()
-            deadline = self.core.next_deadline()
-            if deadline is not None and self.clock() >= deadline:
-                self.core.on_timer(self.clock())
-                self._flush()
+        super().run()
+
+    def _ready(self, fd: int) -> None:
+        if fd == self._udp_fd:
+            self._from_mesh()
+        elif fd == self._shared.fileno():
+            self._from_shared()
+        elif fd in self._by_fd:
+            self._from_proxy(self._by_fd[fd])
 
     # -- datagrams ---------------------------------------------------------------------
 
