@@ -69,13 +69,15 @@ class RelayRouteMtu:
         Netlink failures are logged and leave the interface MTU in force: a missing clamp
         costs fragmentation, never connectivity.
         """
-        wanted = None
-        if path.kind is PathKind.RELAYED and path.endpoint is not None:
-            wanted = self._relayed_mtu(path.endpoint)
-        if wanted == self.clamped.get(member):
+        if path.kind is not PathKind.RELAYED and member not in self.clamped:
             return
         try:
             with IPRoute() as ipr:
+                wanted = None
+                if path.kind is PathKind.RELAYED and path.endpoint is not None:
+                    wanted = self._relayed_mtu(ipr, path.endpoint)
+                if wanted == self.clamped.get(member):
+                    return
                 found = ipr.link_lookup(ifname=self.interface)
                 if not found:
                     return
@@ -86,13 +88,13 @@ class RelayRouteMtu:
         except (OSError, NetlinkError) as error:
             log.warning("event=route_mtu_failed interface=%s error=%s", self.interface, error)
 
-    def _relayed_mtu(self, relay: Address) -> int | None:
+    def _relayed_mtu(self, ipr: IPRoute, relay: Address) -> int | None:
         """The clamp for a member relayed via ``relay``, or None if the tunnel MTU fits."""
         try:
             relay_ip = ipaddress.ip_address(relay[0])
         except ValueError:
             return None
-        underlay = underlay_mtu(str(relay_ip))
+        underlay = underlay_mtu(ipr, str(relay_ip))
         if underlay is None:
             return None
         fitting = relayed_tunnel_mtu(underlay, ipv6_underlay=relay_ip.version == 6)
@@ -121,23 +123,22 @@ class RelayRouteMtu:
         log.info("event=route_mtu_released member=%s", member.hex()[:16])
 
 
-def underlay_mtu(destination: str) -> int | None:
+def underlay_mtu(ipr: IPRoute, destination: str) -> int | None:
     """The MTU toward ``destination``: its route's MTU metric, else its output link's MTU."""
-    with IPRoute() as ipr:
-        try:
-            routes = ipr.route("get", dst=destination)
-        except NetlinkError:
-            return None
-        if not routes:
-            return None
-        route = routes[0]
-        metrics = route.get_attr("RTA_METRICS")
-        if metrics is not None:
-            route_mtu = metrics.get_attr("RTAX_MTU")
-            if route_mtu:
-                return int(route_mtu)
-        oif = route.get_attr("RTA_OIF")
-        if oif is None:
-            return None
-        links = ipr.get_links(oif)
-        return int(links[0].get_attr("IFLA_MTU")) if links else None
+    try:
+        routes = ipr.route("get", dst=destination)
+    except NetlinkError:
+        return None
+    if not routes:
+        return None
+    route = routes[0]
+    metrics = route.get_attr("RTA_METRICS")
+    if metrics is not None:
+        route_mtu = metrics.get_attr("RTAX_MTU")
+        if route_mtu:
+            return int(route_mtu)
+    oif = route.get_attr("RTA_OIF")
+    if oif is None:
+        return None
+    links = ipr.get_links(oif)
+    return int(links[0].get_attr("IFLA_MTU")) if links else None
