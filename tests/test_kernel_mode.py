@@ -32,20 +32,26 @@ def _kernel_has_wireguard(lab: Lab) -> bool:
     return created.returncode == 0
 
 
-def test_kernel_mode_without_module_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chosen_by", ["flag", "settings"])
+def test_kernel_mode_without_module_is_one_line_and_leaves_nothing(
+    tmp_path: Path, chosen_by: str
+) -> None:
+    """``run --kernel`` and ``data_plane = "kernel"`` in the file take the same path."""
     with Lab(prefix="mgk") as lab:
         if _kernel_has_wireguard(lab):
             pytest.skip("this kernel has the WireGuard module; the error path cannot happen")
         ns = lab.namespace("host")
         save_identity(config_paths(tmp_path).private_key, Identity.generate(os.urandom))
         interface = f"wgk{lab.suffix}"
-        (tmp_path / "meshguard.toml").write_text(
-            f'interface = "{interface}"\nlisten_port = 51821\nmdns = false\n'
-        )
+        settings = f'interface = "{interface}"\nlisten_port = 51821\nmdns = false\n'
+        flags = ["--kernel"]
+        if chosen_by == "settings":
+            settings += 'data_plane = "kernel"\n'
+            flags = []
+        (tmp_path / "meshguard.toml").write_text(settings)
         proc = subprocess.run(
             ns.exec_argv(
-                [sys.executable, "-m", "meshguard", "--config-dir", str(tmp_path), "run",
-                 "--kernel"]
+                [sys.executable, "-m", "meshguard", "--config-dir", str(tmp_path), "run", *flags]
             ),
             capture_output=True,
             text=True,
@@ -53,7 +59,7 @@ def test_kernel_mode_without_module_is_one_line_and_leaves_nothing(tmp_path: Pat
             cwd=REPO,
             timeout=60,
             check=False,
-        )  # fmt: skip
+        )
         assert proc.returncode == 2
         assert proc.stderr == f"meshguard: error: {NO_MODULE}\n"
         assert proc.stdout == ""
@@ -62,27 +68,3 @@ def test_kernel_mode_without_module_is_one_line_and_leaves_nothing(tmp_path: Pat
         assert not socket_path(tmp_path).exists()
         sockets = ns.run(["ss", "-uan"]).stdout
         assert ":51821" not in sockets
-
-
-def test_settings_kernel_data_plane_reports_the_same_error(tmp_path: Path) -> None:
-    """``data_plane = "kernel"`` in the file takes the same path as the flag."""
-    with Lab(prefix="mgk") as lab:
-        if _kernel_has_wireguard(lab):
-            pytest.skip("this kernel has the WireGuard module; the error path cannot happen")
-        ns = lab.namespace("host")
-        save_identity(config_paths(tmp_path).private_key, Identity.generate(os.urandom))
-        (tmp_path / "meshguard.toml").write_text('data_plane = "kernel"\nmdns = false\n')
-        proc = subprocess.run(
-            ns.exec_argv(
-                [sys.executable, "-m", "meshguard", "--config-dir", str(tmp_path), "run"]
-            ),
-            capture_output=True,
-            text=True,
-            env={"PYTHONPATH": str(REPO), "PATH": os.environ["PATH"]},
-            cwd=REPO,
-            timeout=60,
-            check=False,
-        )
-        assert proc.returncode == 2
-        assert proc.stderr == f"meshguard: error: {NO_MODULE}\n"
-

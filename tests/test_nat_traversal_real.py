@@ -123,6 +123,20 @@ class Mesh:
     def counters(self) -> dict[str, int]:
         return {name: self.counter(name) for name in (*COUNTERS, "fragments")}
 
+    def transfer(self, source: str, target: str) -> tuple[dict[str, int], int]:
+        """TCP ``TRANSFER`` bytes from ``source`` to ``target``'s mesh IPv4, checked intact;
+        returns what the wan counters and R's own relay byte counter grew by meanwhile."""
+        before = self.counters()
+        relayed_before = self.hosts["R"].status()["counters"]["relay_forwarded_bytes"]
+        a, b = self.hosts[source], self.hosts[target]
+        sent, received = tcp_transfer(a.ns, b.ns, b.ipv4, TRANSFER)
+        assert sent == received and sent.startswith(f"{TRANSFER} ")
+        after = self.counters()
+        relayed = self.hosts["R"].status()["counters"]["relay_forwarded_bytes"] - relayed_before
+        delta = {name: after[name] - before[name] for name in after}
+        print(f"wan UDP bytes during the {source}->{target} transfer:", delta, "relayed:", relayed)
+        return delta, relayed
+
 
 COUNTERS = {
     "a_b": ("198.51.100.1", "198.51.101.1"),
@@ -330,13 +344,8 @@ def test_port_restricted_nats_are_punched_and_carry_traffic_directly(mesh: Mesh)
     b_row = mesh.hosts["B"].members()["A"]
     assert b_row["endpoint"].startswith(public_ip("A") + ":"), b_row
 
-    before = mesh.counters()
-    a, b = mesh.hosts["A"], mesh.hosts["B"]
-    sent, received = tcp_transfer(a.ns, b.ns, b.ipv4, TRANSFER)
-    assert sent == received and sent.startswith(f"{TRANSFER} ")
-    after = mesh.counters()
-    delta = {name: after[name] - before[name] for name in COUNTERS}
-    print("wan UDP bytes during the A->B transfer:", delta)
+    delta, _ = mesh.transfer("A", "B")
+    a = mesh.hosts["A"]
     assert delta["a_b"] >= TRANSFER, "the tunnel traffic did not go straight from nat1 to nat2"
     assert delta["a_r"] < TRANSFER // 10, "the tunnel traffic went through R"
 
@@ -367,21 +376,14 @@ def test_symmetric_nats_are_relayed_through_r_and_carry_traffic(mesh: Mesh) -> N
     assert row["endpoint"] == RELAY, row
     assert mesh.hosts["D"].members()["C"]["endpoint"] == RELAY
 
-    before = mesh.counters()
-    relayed_before = mesh.hosts["R"].status()["counters"]["relay_forwarded_bytes"]
+    delta, relayed = mesh.transfer("C", "D")
     c, d = mesh.hosts["C"], mesh.hosts["D"]
-    sent, received = tcp_transfer(c.ns, d.ns, d.ipv4, TRANSFER)
-    assert sent == received and sent.startswith(f"{TRANSFER} ")
-    after = mesh.counters()
-    delta = {name: after[name] - before[name] for name in COUNTERS}
-    print("wan UDP bytes during the C->D transfer:", delta)
     assert delta["c_r"] >= TRANSFER and delta["r_d"] >= TRANSFER, "R did not carry the traffic"
-    relayed = mesh.hosts["R"].status()["counters"]["relay_forwarded_bytes"] - relayed_before
     assert relayed >= TRANSFER, f"R's own relay counter shows only {relayed} bytes"
     assert delta["c_d"] < TRANSFER // 10 and delta["d_c"] < TRANSFER // 10
     route = c.ns.run(["ip", "route", "get", d.ipv4]).stdout
     assert "mtu 1280" in route, f"no relay route MTU on C toward D: {route}"
-    assert after["fragments"] == before["fragments"], "relayed datagrams were IP-fragmented"
+    assert delta["fragments"] == 0, "relayed datagrams were IP-fragmented"
 
     out = c.cli("ping", "D", "--count", "3", "--interval", "0.1")
     print(out)
@@ -475,17 +477,10 @@ def test_bare_masquerade_nats_are_punched_and_carry_traffic_directly(mesh: Mesh)
             f"{nat} holds a flow the peer opened toward port {PORT} (the clash's cause)"
         )
 
-    before = mesh.counters()
-    relayed_before = mesh.hosts["R"].status()["counters"]["relay_forwarded_bytes"]
-    e, f = mesh.hosts["E"], mesh.hosts["F"]
-    sent, received = tcp_transfer(e.ns, f.ns, f.ipv4, TRANSFER)
-    assert sent == received and sent.startswith(f"{TRANSFER} ")
-    after = mesh.counters()
-    delta = {name: after[name] - before[name] for name in COUNTERS}
-    print("wan UDP bytes during the E->F transfer:", delta)
+    delta, relayed = mesh.transfer("E", "F")
+    e = mesh.hosts["E"]
     assert delta["e_f"] >= TRANSFER, "the tunnel traffic did not go straight from nat5 to nat6"
     assert delta["e_r"] < TRANSFER // 10, "the tunnel traffic went through R"
-    relayed = mesh.hosts["R"].status()["counters"]["relay_forwarded_bytes"] - relayed_before
     assert relayed < TRANSFER // 10, f"R relayed {relayed} bytes"
     out = e.cli("ping", "F", "--count", "3", "--interval", "0.1")
     print(out)

@@ -949,6 +949,14 @@ class LoneTraversal:
         )
         self.sent: list[tuple[object, Address, int | None]] = []
 
+    def add_public_relay(self, relay: bytes) -> None:
+        """``relay`` joins as a public member that allows relaying, confirmed direct at 0.01 s."""
+        public = NatInfo(mapping=NatMapping.NONE, allows_relay=True)
+        self.traversal.add_member(relay, [Endpoint("203.0.113.1", PORT)], public, 0.0)
+        probe = next(m for m, _, _ in self.drain() if isinstance(m, PunchProbe))
+        reply = PunchProbe(probe.session, probe.seq, True)
+        self.traversal.on_message(relay, reply, ("203.0.113.1", PORT), 0.01)
+
     def drain(self) -> list[tuple[object, Address, int | None]]:
         out: list[tuple[object, Address, int | None]] = [
             (pickle.loads(data)[1], addr, ttl)
@@ -971,12 +979,7 @@ def test_after_the_members_punch_toward_us_failed_a_restarted_search_relays_at_o
     relay, member, own = b"\x01" * 32, b"\x05" * 32, b"\x09" * 32
     lone = LoneTraversal(own)
     traversal = lone.traversal
-    public_relay = NatInfo(mapping=NatMapping.NONE, allows_relay=True)
-    traversal.add_member(relay, [Endpoint("203.0.113.1", PORT)], public_relay, 0.0)
-    probe = next(m for m, _, _ in lone.drain() if isinstance(m, PunchProbe))
-    traversal.on_message(
-        relay, PunchProbe(probe.session, probe.seq, True), ("203.0.113.1", PORT), 0.01
-    )
+    lone.add_public_relay(relay)
     assert traversal.paths()[relay].kind is PathKind.DIRECT
     traversal.add_member(member, [Endpoint("192.168.4.2", PORT)], NatInfo(), 0.1)
     candidates = (Endpoint("198.51.103.1", 34821),)
@@ -1003,12 +1006,7 @@ def test_a_deferred_punch_waits_for_the_members_punch_that_is_running() -> None:
     relay, member, own = b"\x01" * 32, b"\x05" * 32, b"\x09" * 32
     lone = LoneTraversal(own)
     traversal = lone.traversal
-    public_relay = NatInfo(mapping=NatMapping.NONE, allows_relay=True)
-    traversal.add_member(relay, [Endpoint("203.0.113.1", PORT)], public_relay, 0.0)
-    probe = next(m for m, _, _ in lone.drain() if isinstance(m, PunchProbe))
-    traversal.on_message(
-        relay, PunchProbe(probe.session, probe.seq, True), ("203.0.113.1", PORT), 0.01
-    )
+    lone.add_public_relay(relay)
     traversal.add_member(member, [Endpoint("198.51.103.1", 34821)], NatInfo(), 0.1)
     lone.run_until(4.0)
     assert traversal.counters["direct_checks"] == 2, "checks of the relay and the member"
