@@ -38,6 +38,7 @@ from meshguard.sansio.messages import (
     PunchResponse,
     RecordStatus,
     RelayEnvelope,
+    StateDigest,
     StateEntry,
     StateSync,
     Suspect,
@@ -125,6 +126,8 @@ def every_message() -> list[Message]:
             ),
         ),
         StateSync(12, 0, 1, False, ()),
+        StateDigest(16, True, (0,)),
+        StateDigest(2**64 - 1, False, tuple(range(2**32 - 256, 2**32))),
         PunchRequest(13, ALICE.public_key, BOB.public_key, (v4, v6)),
         PunchResponse(13, ALICE.public_key, BOB.public_key, (v6,)),
         PunchResponse(14, ALICE.public_key, BOB.public_key, ()),
@@ -269,7 +272,7 @@ def test_open_with_the_wrong_key_fails() -> None:
 
 @pytest.mark.parametrize(
     ("index", "value", "reason"),
-    [(0, ord("x"), "magic"), (2, 2, "version"), (3, 0, "type"), (3, 12, "type"),
+    [(0, ord("x"), "magic"), (2, 2, "version"), (3, 0, "type"), (3, 13, "type"),
      (4, 1, "flags"), (5, 1, "reserved"), (7, 0x80, "reserved")],
 )
 def test_bad_header_fields_are_rejected_by_name(index: int, value: int, reason: str) -> None:
@@ -362,6 +365,11 @@ def test_valid_raw_bodies_decode() -> None:
         (MessageType.STATE_SYNC, bytes(8) + b"\x00\x01\x00\x01\x00\x00", "impossible"),
         (MessageType.STATE_SYNC, bytes(8) + b"\x00\x00\x00\x01\x00\x01" + record_body() + b"\x01",
          "accusation tag"),
+        (MessageType.STATE_DIGEST, bytes(8) + b"\x00\x00\x00", "impossible"),
+        (MessageType.STATE_DIGEST, bytes(8) + b"\x00\x00\x03" + bytes(12), "impossible"),
+        (MessageType.STATE_DIGEST, bytes(8) + b"\x00\x02\x00" + bytes(2048), "impossible"),
+        (MessageType.STATE_DIGEST, bytes(8) + b"\x00\x00\x02" + bytes(4), "truncated"),
+        (MessageType.STATE_DIGEST, bytes(8) + b"\x02\x00\x01" + bytes(4), "flag"),
         (MessageType.RELAY_ENVELOPE, bytes(32) + b"\x00\x00", "empty"),
         (MessageType.RELAY_ENVELOPE, bytes(32) + b"\x00\x05abcd", "truncated"),
         (MessageType.RELAY_ENVELOPE, bytes(32) + b"\x00\x03abcd", "trailing"),
@@ -427,6 +435,10 @@ def test_state_entry_accusation_is_about_the_entry_member() -> None:
         StateSync(1, 0, 0, False, ()),
         StateSync(1, 0, 1, False, (StateEntry(ALICE.record(), Suspect(BOB.public_key, 1,
                                                                       bytes(32))),)),
+        StateDigest(1, True, ()),
+        StateDigest(1, True, (0, 0, 0)),
+        StateDigest(1, True, (0,) * 512),
+        StateDigest(1, True, (2**32,)),
         EndpointUpdate(dataclasses.replace(ALICE.record(), signature=bytes(63))),
         EndpointUpdate(dataclasses.replace(ALICE.record(), endpoints=(Endpoint("::1", 1),) * 17)),
         RelayEnvelope(bytes(32), b""),
@@ -554,6 +566,34 @@ def test_the_capacities_quoted_in_the_wire_document() -> None:
     assert codec.encoded_size(Ping(1, BOB.public_key, (alive,) * 10)) > codec.MAX_DATAGRAM
     entry = StateEntry(ALICE.record(1, Endpoint("192.0.2.1", 1)))
     assert [len(c) for c in codec.chunk_state_entries([entry] * 25)] == [10, 10, 5]
+    assert codec.encoded_size(StateDigest(1, True, (0,) * 256)) == 1079
+
+
+def test_a_state_digest_buckets_about_four_members_each_up_to_256() -> None:
+    counts = [codec.digest_bucket_count(n) for n in (0, 1, 4, 5, 8, 9, 100, 1000, 10**6)]
+    assert counts == [1, 1, 1, 2, 2, 4, 32, 256, 256]
+    assert codec.digest_bucket(bytes([0x80]) + bytes(31), 2) == 1
+    assert codec.digest_bucket(bytes([0x7F]) + bytes(31), 2) == 0
+    assert codec.digest_bucket(bytes([0xFF]) + bytes(31), 256) == 255
+
+
+def test_a_state_digest_shows_every_record_and_accusation_in_its_bucket_only() -> None:
+    members = [Member.from_byte(n) for n in range(10, 30)]
+    entries = [StateEntry(m.record(1)) for m in members]
+    digest = codec.state_digest(entries, 4)
+    assert codec.state_digest(entries[::-1], 4) == digest
+    for index, change in enumerate(
+        [
+            StateEntry(members[3].record(2)),
+            StateEntry(members[3].record(1), Suspect(members[3].public_key, 1, ALICE.public_key)),
+            StateEntry(members[3].record(1), Dead(members[3].public_key, 1, ALICE.public_key)),
+            StateEntry(members[3].record(1), Suspect(members[3].public_key, 2, ALICE.public_key)),
+        ]
+    ):
+        changed = codec.state_digest([*entries[:3], change, *entries[4:]], 4)
+        differing = [b for b in range(4) if changed[b] != digest[b]]
+        assert differing == [codec.digest_bucket(members[3].public_key, 4)], index
+    assert codec.state_digest(entries[:3] + entries[4:], 4) != digest
 
 
 def test_state_entries_chunk_into_datagrams_within_budget() -> None:

@@ -38,6 +38,7 @@ from meshguard.sansio.messages import (
     PunchResponse,
     RecordStatus,
     RelayEnvelope,
+    StateDigest,
     StateEntry,
     StateSync,
     Suspect,
@@ -107,6 +108,16 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(IndirectAck, u64, keys, update_lists),
     st.builds(Nack, u64, keys),
     state_syncs(),
+    st.builds(
+        StateDigest,
+        u64,
+        st.booleans(),
+        st.integers(0, 8).flatmap(
+            lambda bits: st.lists(
+                st.integers(0, 2**32 - 1), min_size=1 << bits, max_size=1 << bits
+            ).map(tuple)
+        ),
+    ),
     st.builds(PunchRequest, u64, keys, keys, candidates),
     st.builds(PunchResponse, u64, keys, keys, candidates),
     st.builds(PunchProbe, u64, u64, st.booleans()),

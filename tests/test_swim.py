@@ -24,6 +24,7 @@ from meshguard.sansio.messages import (
     NatInfo,
     Ping,
     RecordStatus,
+    StateDigest,
     StateEntry,
     StateSync,
     Suspect,
@@ -613,26 +614,104 @@ def test_a_seed_tells_a_joiner_it_answered_about_members_that_joined_since() -> 
     assert cluster.state(3, 4) is MemberState.ALIVE
 
 
-def test_a_joiners_first_exchange_is_a_pull_within_one_push_pull_interval() -> None:
+def test_a_joiners_first_exchange_is_a_digest_to_its_seed_within_one_push_pull_interval() -> None:
     cluster = seeds_and_joiner(5)
-    requests: list[tuple[float, StateSync]] = []
+    requests: list[tuple[float, int, StateSync | StateDigest]] = []
 
     def tap(sender: int, destination: tuple[str, int], datagram: bytes) -> None:
         if sender == 5:
             receiver = cluster.index_of[destination]
             message = opened(cluster.identities[receiver], cluster.keys[5], datagram)
-            if isinstance(message, StateSync) and message.want_reply:
-                requests.append((cluster.now, message))
+            if isinstance(message, StateSync | StateDigest) and message.want_reply:
+                requests.append((cluster.now, receiver, message))
 
     cluster.taps.append(tap)
     joined = cluster.now
     cluster.join(5, [0])
     cluster.run_for(cluster.config.push_pull_interval + 1)
-    (_, join), (when, pull) = requests
-    assert len(join.entries) == 1
-    assert len(pull.entries) == 1
+    (_, _, join), (when, seed, pull) = requests
+    assert isinstance(join, StateSync) and len(join.entries) == 1
+    assert isinstance(pull, StateDigest) and seed == 0
     interval = cluster.config.push_pull_interval
     assert 0.5 * interval <= when - joined <= interval + 0.1
+
+
+def digest_answers(cluster: Cluster, receiver: int) -> list[Message]:
+    """Every state digest or state sync ``receiver`` sends to node 1 from now on."""
+    answers: list[Message] = []
+
+    def tap(sender: int, destination: tuple[str, int], datagram: bytes) -> None:
+        if sender == receiver and destination == cluster.addresses[1]:
+            message = opened(cluster.identities[1], cluster.keys[receiver], datagram)
+            if isinstance(message, StateDigest | StateSync):
+                answers.append(message)
+
+    cluster.taps.append(tap)
+    return answers
+
+
+def test_a_digest_is_answered_with_ours_and_the_members_of_the_buckets_that_differ() -> None:
+    cluster = Cluster(30)
+    node = lone_node_knowing(cluster, range(1, 30))
+    answers = digest_answers(cluster, 0)
+    opening = StateDigest(7, True, (0,) * 8)
+    cluster.inject(sealed(cluster.identities[1], cluster.keys[0], opening), cluster.addresses[1], 0)
+    own, *everything = answers
+    assert isinstance(own, StateDigest) and own.exchange == 7 and not own.want_reply
+    assert {e.record.public_key for s in everything for e in s.entries} == set(cluster.keys)
+
+    answers.clear()
+    cluster.run_for(cluster.config.sync_reply_min_interval)
+    bucket = codec.digest_bucket(cluster.keys[5], 8)
+    one_differs = tuple(b ^ (i == bucket) for i, b in enumerate(own.buckets))
+    opening = StateDigest(8, True, one_differs)
+    cluster.inject(sealed(cluster.identities[1], cluster.keys[0], opening), cluster.addresses[1], 0)
+    again, sync = answers
+    assert again == dataclasses.replace(own, exchange=8)
+    assert isinstance(sync, StateSync) and sync.exchange == 8 and not sync.want_reply
+    assert {e.record.public_key for e in sync.entries} == {
+        key for key in cluster.keys if codec.digest_bucket(key, 8) == bucket
+    }
+    assert node.counters["state_digest_received"] == 2
+
+
+def test_a_digest_answering_no_exchange_of_ours_is_ignored() -> None:
+    cluster = Cluster(10)
+    node = lone_node_knowing(cluster, range(1, 10))
+    answers = digest_answers(cluster, 0)
+    unasked = StateDigest(7, False, (0,) * 4)
+    cluster.inject(sealed(cluster.identities[1], cluster.keys[0], unasked), cluster.addresses[1], 0)
+    assert answers == []
+    assert node.counters["unexpected_digest"] == 1
+
+
+def test_a_replayed_digest_is_answered_once() -> None:
+    cluster = Cluster(10)
+    lone_node_knowing(cluster, range(1, 10))
+    answers = digest_answers(cluster, 0)
+    opening = sealed(cluster.identities[1], cluster.keys[0], StateDigest(7, True, (0,) * 4))
+    for _ in range(3):
+        cluster.inject(opening, cluster.addresses[1], 0)
+        cluster.run_for(2 * cluster.config.sync_reply_min_interval)
+    assert len([a for a in answers if isinstance(a, StateDigest)]) == 1
+
+
+def test_members_that_agree_exchange_two_digests_and_nothing_more() -> None:
+    often = SwimConfig(push_pull_interval=2.0)
+    cluster = converged_cluster(8, config=often)
+    sent: list[type] = []
+
+    def tap(sender: int, destination: tuple[str, int], datagram: bytes) -> None:
+        receiver = cluster.index_of[destination]
+        message = opened(cluster.identities[receiver], cluster.keys[sender], datagram)
+        if isinstance(message, StateDigest | StateSync):
+            sent.append(type(message))
+
+    cluster.taps.append(tap)
+    cluster.run_for(60)
+    assert sent.count(StateDigest) >= 2 * 8 * 60 / 3
+    assert sent.count(StateSync) == 0
+    assert cluster.converged()
 
 
 def test_a_dead_member_we_never_knew_is_not_taken_from_a_periodic_exchange() -> None:

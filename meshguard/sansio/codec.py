@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from meshguard.sansio.codec_wire import (
     KEY_SIZE,
+    MAX_DIGEST_BUCKETS,
     MAX_STATE_ENTRIES,
     RECORD_DOMAIN,
     SIGNATURE_SIZE,
@@ -48,6 +49,7 @@ from meshguard.sansio.messages import (
     NatInfo,
     RecordStatus,
     StateEntry,
+    Suspect,
 )
 
 __all__ = [
@@ -65,6 +67,8 @@ __all__ = [
     "canonical_endpoint",
     "chunk_state_entries",
     "classify",
+    "digest_bucket",
+    "digest_bucket_count",
     "encoded_size",
     "is_small_order",
     "key_id",
@@ -74,6 +78,7 @@ __all__ = [
     "peek_sender",
     "record_signing_bytes",
     "seal",
+    "state_digest",
     "update_size",
     "verify_record",
 ]
@@ -294,6 +299,41 @@ def chunk_state_entries(
         used += size
     chunks.append(tuple(current))
     return chunks
+
+
+def digest_bucket_count(members: int) -> int:
+    """Buckets of a state digest for ``members`` members: about four members per bucket
+    (a bucket that differs costs its members' entries), at most ``MAX_DIGEST_BUCKETS``."""
+    count = 1
+    while count < MAX_DIGEST_BUCKETS and 4 * count < members:
+        count *= 2
+    return count
+
+
+def digest_bucket(public_key: bytes, buckets: int) -> int:
+    """The bucket of a member: the first bits of its public key."""
+    return public_key[0] * buckets >> 8
+
+
+def _entry_digest(entry: StateEntry) -> int:
+    """32 bits of a hash of one member as a state exchange shows it: its record, named by
+    the signature (unique to the record's content), and the accusation, if any."""
+    accusation = entry.suspect_or_dead
+    if accusation is None:
+        shown = entry.record.signature
+    else:
+        tag = b"S" if isinstance(accusation, Suspect) else b"D"
+        shown = entry.record.signature + tag + accusation.incarnation.to_bytes(8, "big")
+    return int.from_bytes(blake3.blake3(shown).digest(4), "big")
+
+
+def state_digest(entries: Sequence[StateEntry], buckets: int) -> tuple[int, ...]:
+    """The ``StateDigest`` buckets of ``entries``: per bucket, the XOR of its entries' hashes
+    (so the order of the entries does not matter)."""
+    digest = [0] * buckets
+    for entry in entries:
+        digest[digest_bucket(entry.record.public_key, buckets)] ^= _entry_digest(entry)
+    return tuple(digest)
 
 
 def record_signing_bytes(record: MemberRecord) -> bytes:

@@ -38,6 +38,7 @@ from meshguard.sansio.messages import (
     PunchResponse,
     RecordStatus,
     RelayEnvelope,
+    StateDigest,
     StateEntry,
     StateSync,
     Suspect,
@@ -59,6 +60,7 @@ class MessageType(IntEnum):
     PUNCH_PROBE = 9
     RELAY_ENVELOPE = 10
     ENDPOINT_UPDATE = 11
+    STATE_DIGEST = 12
 
 
 class UpdateTag(IntEnum):
@@ -96,6 +98,10 @@ RECORD_FIXED_SIZE = KEY_SIZE + 8 + 1 + 1 + NAT_INFO_SIZE + SIGNATURE_SIZE
 ACCUSATION_SIZE = 1 + KEY_SIZE + 8 + KEY_SIZE
 ENTRY_ACCUSATION_SIZE = 1 + 8 + KEY_SIZE
 STATE_SYNC_FIXED_SIZE = 8 + 2 + 2 + 1 + 1
+MAX_DIGEST_BUCKETS = 256
+"""A state digest of 256 buckets is a sealed datagram of 1079 bytes."""
+STATE_DIGEST_FIXED_SIZE = 8 + 1 + 2
+U32_MAX = 2**32 - 1
 
 _NAT_HAIRPINNING = 0x01
 _NAT_ALLOWS_RELAY = 0x02
@@ -290,6 +296,22 @@ def _encode_state_sync(message: StateSync) -> bytes:
     )
 
 
+def _digest_bucket_count(count: int) -> bool:
+    """Whether ``count`` buckets is valid: a power of two from 1 to MAX_DIGEST_BUCKETS."""
+    return 1 <= count <= MAX_DIGEST_BUCKETS and count & (count - 1) == 0
+
+
+def _encode_state_digest(message: StateDigest) -> bytes:
+    """exchange u64 | want_reply u8 | bucket count u16 | one u32 per bucket."""
+    buckets = message.buckets
+    if not _digest_bucket_count(len(buckets)):
+        raise LocalProtocolError(f"a digest has 1..256 buckets, a power of two: {len(buckets)}")
+    if any(type(b) is not int or not 0 <= b <= U32_MAX for b in buckets):
+        raise LocalProtocolError("digest buckets must be integers in 0..2**32-1")
+    header = _u64(message.exchange, "exchange") + _flag(message.want_reply)
+    return header + struct.pack(f">H{len(buckets)}I", len(buckets), *buckets)
+
+
 def _encode_punch(message: PunchRequest | PunchResponse) -> bytes:
     return b"".join(
         (
@@ -332,6 +354,8 @@ def encode_body(message: Message) -> tuple[MessageType, bytes]:
         return MessageType.NACK, _u64(message.seq, "seq") + _key(message.target, "target")
     if isinstance(message, StateSync):
         return MessageType.STATE_SYNC, _encode_state_sync(message)
+    if isinstance(message, StateDigest):
+        return MessageType.STATE_DIGEST, _encode_state_digest(message)
     if isinstance(message, PunchRequest):
         return MessageType.PUNCH_REQUEST, _encode_punch(message)
     if isinstance(message, PunchResponse):
@@ -392,6 +416,8 @@ def body_size(message: Message) -> int:
         return 8 + KEY_SIZE
     if isinstance(message, StateSync):
         return STATE_SYNC_FIXED_SIZE + sum(state_entry_size(e) for e in message.entries)
+    if isinstance(message, StateDigest):
+        return STATE_DIGEST_FIXED_SIZE + 4 * len(message.buckets)
     if isinstance(message, PunchRequest | PunchResponse):
         return 8 + 2 * KEY_SIZE + 1 + sum(endpoint_size(e) for e in message.candidates)
     if isinstance(message, PunchProbe):
@@ -662,6 +688,15 @@ def _decode_state_sync(reader: _Reader) -> Message:
     return StateSync(exchange, part, parts, want_reply, entries)
 
 
+def _decode_state_digest(reader: _Reader) -> Message:
+    exchange = reader.u64()
+    want_reply = reader.flag("want_reply")
+    count = reader.u16()
+    if not _digest_bucket_count(count):
+        raise DecodeError(f"a state digest of {count} buckets is impossible")
+    return StateDigest(exchange, want_reply, struct.unpack(f">{count}I", reader.take(4 * count)))
+
+
 def _decode_punch_request(reader: _Reader) -> Message:
     return PunchRequest(
         reader.u64(),
@@ -708,6 +743,7 @@ _DECODERS: dict[MessageType, Callable[[_Reader], Message]] = {
     MessageType.PUNCH_PROBE: _decode_punch_probe,
     MessageType.RELAY_ENVELOPE: _decode_relay,
     MessageType.ENDPOINT_UPDATE: _decode_endpoint_update,
+    MessageType.STATE_DIGEST: _decode_state_digest,
 }
 
 

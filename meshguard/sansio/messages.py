@@ -181,6 +181,22 @@ class StateSync:
 
 
 @dataclass(frozen=True, slots=True)
+class StateDigest:
+    """Push-pull's opening: the sender's membership state summarised in buckets.
+
+    Members fall into ``len(buckets)`` buckets (a power of two up to 256) by the first bits of
+    their public key; each bucket is the XOR of a 32-bit hash of every member's (record,
+    accusation) in it. Two members with the same view have the same buckets, so they send
+    each other only the members of buckets that differ, as ``StateSync`` chunks. With
+    ``want_reply`` the receiver answers with its own digest for the same ``exchange``.
+    """
+
+    exchange: int
+    want_reply: bool
+    buckets: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class PunchRequest:
     """Hole punching rendezvous: ``initiator`` wants a direct path to ``target``.
 
@@ -240,6 +256,7 @@ Message = (
     | IndirectAck
     | Nack
     | StateSync
+    | StateDigest
     | PunchRequest
     | PunchResponse
     | PunchProbe

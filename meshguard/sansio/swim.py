@@ -3,8 +3,9 @@
 One ``Membership`` per node. It probes one member per protocol period (randomised
 round-robin), asks k helpers to probe a member that missed its ack, suspects it when nobody
 reached it, and declares it dead when the suspicion times out unrefuted. Changes ride on the
-probes (and on a short gossip round while there are any); full state exchanges (push-pull) on
-join, periodically, and towards dead members heal partitions of any length. Lifeguard's local
+probes (and on a short gossip round while there are any); a full state exchange on join, and
+digest exchanges (push-pull: only the members whose state differs travel) periodically and
+towards dead members, heal partitions of any length. Lifeguard's local
 health awareness and shrinking suspicion timeouts keep a slow node from accusing healthy ones.
 
 Trust (DESIGN.md §4): only datagrams authenticated with the pair key of a trusted member are
@@ -34,6 +35,8 @@ from meshguard.sansio.codec import (
     MAX_DATAGRAM,
     NONCE_SIZE,
     chunk_state_entries,
+    digest_bucket,
+    digest_bucket_count,
     encoded_size,
     key_id,
     make_record,
@@ -41,6 +44,7 @@ from meshguard.sansio.codec import (
     pair_key,
     peek_sender,
     seal,
+    state_digest,
     update_size,
     verify_record,
 )
@@ -60,6 +64,7 @@ from meshguard.sansio.messages import (
     Ping,
     PingReq,
     RecordStatus,
+    StateDigest,
     StateEntry,
     StateSync,
     Suspect,
@@ -110,8 +115,8 @@ JOIN_REPLY_PERIODS = 2.0
 JOIN_ATTEMPTS = 4
 """Full-state requests one join makes at most (lost requests, lost chunks of the reply)."""
 
-PULL_ATTEMPTS = 3
-"""Full-state requests of a joiner's follow-up pull (more if the request or chunks were lost)."""
+MAX_OPEN_EXCHANGES = 16
+"""Digest exchanges we opened and still accept an answer to (the oldest is forgotten)."""
 
 MAX_NEWCOMERS = 256
 """Joiners a node answered and will still tell about members that became live since."""
@@ -146,6 +151,9 @@ COUNTERS = (
     "gossip_sent",
     "state_sync_sent",
     "state_sync_received",
+    "state_digest_sent",
+    "state_digest_received",
+    "unexpected_digest",
     "probe_failed",
     "suspected",
     "declared_dead",
@@ -535,8 +543,9 @@ class Membership:
         self._join_parts: set[int] = set()
         self._join_parts_total = 0
         self._join_attempts_left = 0
-        self._pulling = False
         self._follow_up_due = False
+        self._digests_sent: dict[bytes, int] = {}
+        self._quiet_exchange = 0
         self._live_order = 0
         self._newcomers: dict[bytes, tuple[int, Address]] = {}
 
@@ -709,6 +718,8 @@ class Membership:
             self._on_nack(sender, message, addr)
         elif isinstance(message, StateSync):
             self._on_state_sync(sender, message, addr)
+        elif isinstance(message, StateDigest):
+            self._on_state_digest(sender, message, addr)
         elif isinstance(message, EndpointUpdate):
             self._heard_from(sender, addr, knows_us=True)
             self._on_record(message.record)
@@ -885,6 +896,23 @@ class Membership:
     @staticmethod
     def _state_entry(member: _Member) -> StateEntry:
         return StateEntry(member.record, member.accusation())
+
+    def _start_exchange(self, peer: bytes, addr: Address, *, quiet: bool = False) -> None:
+        """Open a push-pull with our state digest; the rest follows ``_on_state_digest``.
+
+        ``quiet``: what the peer sends is not gossiped on (a joiner's follow-up pull).
+        """
+        exchange = self._rng.getrandbits(64) or 1
+        self._digests_sent.pop(peer, None)
+        self._digests_sent[peer] = exchange
+        while len(self._digests_sent) > MAX_OPEN_EXCHANGES:
+            del self._digests_sent[next(iter(self._digests_sent))]
+        if quiet:
+            self._quiet_exchange = exchange
+        entries = [self._state_entry(m) for m in self._members.values()]
+        digest = state_digest(entries, digest_bucket_count(len(entries)))
+        self._send(peer, StateDigest(exchange, True, digest), addr)
+        self.counters["state_digest_sent"] += 1
 
     def _send_hello(self, peer: bytes, addr: Address, exchange: int, want_reply: bool) -> None:
         own = self._state_entry(self._members[self._public_key])
@@ -1255,6 +1283,51 @@ class Membership:
         if probe is not None and probe.target == nack.target and sender in probe.helpers:
             probe.nacks[sender] = None
 
+    def _on_state_digest(self, sender: bytes, digest: StateDigest, addr: Address) -> None:
+        """Push-pull by digest: answer an opening with ours, then each side sends the
+        members of the buckets that differ.
+
+        Two members that agree exchange two small datagrams instead of their whole states;
+        after a partition or a missed update only the differing buckets travel. A digest
+        answering an exchange we did not open (or no longer hold open) is ignored, so nobody
+        can make us send our state by replaying one.
+        """
+        self.counters["state_digest_received"] += 1
+        self._heard_from(sender, addr, knows_us=True)
+        if digest.want_reply:
+            if not self._may_answer(sender, digest.exchange):
+                return
+        elif self._digests_sent.get(sender) == digest.exchange:
+            del self._digests_sent[sender]
+        else:
+            self.counters["unexpected_digest"] += 1
+            return
+        count = len(digest.buckets)
+        entries = [self._state_entry(m) for m in self._members.values()]
+        own = state_digest(entries, count)
+        if digest.want_reply:
+            self._send(sender, StateDigest(digest.exchange, False, own), addr)
+            self.counters["state_digest_sent"] += 1
+        differing = {bucket for bucket in range(count) if own[bucket] != digest.buckets[bucket]}
+        if not differing:
+            return
+        wanted = [e for e in entries if digest_bucket(e.record.public_key, count) in differing]
+        chunks = chunk_state_entries(wanted)
+        for part, chunk in enumerate(chunks):
+            self._send(sender, StateSync(digest.exchange, part, len(chunks), False, chunk), addr)
+        self.counters["state_sync_sent"] += 1
+
+    def _may_answer(self, sender: bytes, exchange: int) -> bool:
+        """Whether to answer ``sender``'s exchange: once per exchange id, and at most once per
+        ``sync_reply_min_interval`` per sender (replayed requests cost one answer)."""
+        last = self._sync_replies.get(sender)
+        if last is not None and (
+            last[0] == exchange or self._now - last[1] < self._config.sync_reply_min_interval
+        ):
+            return False
+        self._sync_replies[sender] = (exchange, self._now)
+        return True
+
     def _on_state_sync(self, sender: bytes, sync: StateSync, addr: Address) -> None:
         """Merge a chunk of someone's full state; answer with ours if asked.
 
@@ -1274,6 +1347,7 @@ class Membership:
         known = self._members.get(sender)
         newcomer = known is None or known.state not in _LIVE
         join_reply = not sync.want_reply and sync.exchange == self._join_exchange
+        quiet = join_reply or sync.exchange == self._quiet_exchange
         if join_reply:
             if not self._join_answered:
                 self._join_answered = True
@@ -1281,10 +1355,9 @@ class Membership:
                 if sync.parts != self._join_parts_total:
                     self._join_parts = set()
                     self._join_parts_total = sync.parts
-                if not self._pulling:
-                    self._follow_up_due = True
-                    wait = self._rng.uniform(0.5, 1.0) * self._config.push_pull_interval
-                    self._push_pull_at = self._now + wait
+                self._follow_up_due = True
+                wait = self._rng.uniform(0.5, 1.0) * self._config.push_pull_interval
+                self._push_pull_at = self._now + wait
             self._join_parts.add(sync.part)
         for entry in sync.entries:
             accusation = entry.suspect_or_dead
@@ -1307,21 +1380,15 @@ class Membership:
                 else:
                     self.counters["bad_signature"] += 1
                 continue
-            self._on_record(record, spread=not join_reply)
+            self._on_record(record, spread=not quiet)
             if accusation is not None:
                 self._on_suspect(accusation.member, accusation.incarnation, accusation.accuser)
-        if sync.want_reply:
-            last = self._sync_replies.get(sender)
-            if last is None or (
-                last[0] != sync.exchange
-                and self._now - last[1] >= self._config.sync_reply_min_interval
-            ):
-                self._sync_replies[sender] = (sync.exchange, self._now)
-                self._send_state(sender, addr, sync.exchange, want_reply=False)
-                if newcomer and len(self._newcomers) < MAX_NEWCOMERS:
-                    self._newcomers[sender] = (self._live_order, addr)
-                    later = self._now + JOIN_REPLY_PERIODS * self._config.protocol_period
-                    self._schedule(later, _Timer.NEWCOMER, sender)
+        if sync.want_reply and self._may_answer(sender, sync.exchange):
+            self._send_state(sender, addr, sync.exchange, want_reply=False)
+            if newcomer and len(self._newcomers) < MAX_NEWCOMERS:
+                self._newcomers[sender] = (self._live_order, addr)
+                later = self._now + JOIN_REPLY_PERIODS * self._config.protocol_period
+                self._schedule(later, _Timer.NEWCOMER, sender)
 
     # -----------------------------------------------------------------------------------------
     # Timers
@@ -1523,25 +1590,25 @@ class Membership:
                 break
 
     def _push_pull(self) -> None:
-        """Full state exchange with a random member; after a join, a pull from the seed.
+        """State exchange with a random member; after a join, a quiet one with the seed.
 
-        The joiner's follow-up pull fetches the members that joined after its seed's answer
-        and its follow-up (gossip brings them too, but in a mass join the gossip queues hold
-        hundreds of records and the last few take minutes); its own record went out with
-        the join. The seed heard of every joiner first hand, so its view is the fullest.
+        The joiner's follow-up fetches the members that joined after its seed's answer
+        (gossip brings them too, but in a mass join the gossip queues hold hundreds of
+        records and the last few take minutes). The seed heard of every joiner first hand,
+        so its view is the fullest; what it sends is not gossiped on, as the join's answer.
         """
         if self._follow_up_due:
             self._follow_up_due = False
-            self._join_attempts_left = PULL_ATTEMPTS
-            self._join_backups = []
-            self._ask_seed_for_state(*self._join_seed, pull=True)
-            return
+            seed_addr, seed = self._join_seed
+            if seed is not None and seed in self._trusted:
+                self._start_exchange(seed, seed_addr, quiet=True)
+                return
         chosen = self._alive.sample(self._rng, 1, ())
         if chosen:
             member = self._members[chosen[0]]
             addr = member.target_address()
             if addr is not None:
-                self._send_state(member.public_key, addr, self._rng.getrandbits(64), True)
+                self._start_exchange(member.public_key, addr)
 
     def _push_pull_wait(self, members: int) -> float:
         """Time to the next periodic exchange: the scaled period, jittered ±50% so that
@@ -1563,7 +1630,7 @@ class Membership:
             addr = member.target_address()
             if addr is not None:
                 self.counters["reconnect_attempts"] += 1
-                self._send_state(member.public_key, addr, self._rng.getrandbits(64), True)
+                self._start_exchange(member.public_key, addr)
         if not self._seeds:
             return
         by_address: dict[Address, bytes] | None = None
@@ -1646,7 +1713,7 @@ class Membership:
         if not self._join_answered and self._join_backups:
             self._ask_seed_for_state(*self._join_backups.pop(0))
         else:
-            self._ask_seed_for_state(*self._join_seed, pull=self._pulling, again=True)
+            self._ask_seed_for_state(*self._join_seed, again=True)
 
     def _announce_to_seed(self, addr: Address, known: bytes | None) -> None:
         """Our record alone to a seed (its key, else every trusted key), asking nothing back."""
@@ -1656,10 +1723,9 @@ class Membership:
             self._send_hello(key, addr, exchange, False)
 
     def _ask_seed_for_state(
-        self, addr: Address, known: bytes | None, *, pull: bool = False, again: bool = False
+        self, addr: Address, known: bytes | None, *, again: bool = False
     ) -> None:
-        """Start (or retry) the join's full state exchange with this seed, or (``pull``) the
-        follow-up pull: our record only, asking for the seed's state.
+        """Start (or retry) the join's full state exchange with this seed.
 
         ``again``: the same seed once more; chunks already received count if its answer has
         as many chunks (its state did not change, so each chunk holds the same members): at
@@ -1668,14 +1734,10 @@ class Membership:
         self._join_attempts_left -= 1
         self._join_exchange = self._rng.getrandbits(64) or 1
         self._join_answered = False
-        self._pulling = pull
         self._join_seed = (addr, known)
         if not again:
             self._join_parts = set()
             self._join_parts_total = 0
-        if pull and known is not None and known in self._trusted:
-            self._send_hello(known, addr, self._join_exchange, True)
-        else:
-            self._contact_seed(addr, known, self._join_exchange)
+        self._contact_seed(addr, known, self._join_exchange)
         retry_at = self._now + JOIN_REPLY_PERIODS * self._config.protocol_period
         self._schedule(retry_at, _Timer.JOIN_RETRY, self._join_exchange)
