@@ -17,7 +17,6 @@ from typing import Any, Protocol
 import blake3
 
 from meshguard.sansio.types import Address
-from sim.network import Packet
 
 KNOWN_STATES = ("ALIVE", "SUSPECT")
 """Member states in which an observer counts a member as part of its view."""
@@ -84,13 +83,12 @@ class Trace:
         self._hash.update(b"".join(self._pending))
         self._pending.clear()
 
-    def delivery(self, now: float, packet: Packet) -> None:
+    def delivery(self, now: float, src: Address, dst: Address, data: bytes) -> None:
         addresses = self._addresses
-        src = addresses.get(packet.src) or self._address(packet.src)
-        dst = addresses.get(packet.dst) or self._address(packet.dst)
-        data = packet.data
         pending = self._pending
-        pending += (_DELIVERY.pack(b"D", now, len(data)), src, dst, data)
+        pending += (_DELIVERY.pack(b"D", now, len(data)),
+                    addresses.get(src) or self._address(src),
+                    addresses.get(dst) or self._address(dst), data)
         self.records += 1
         if len(pending) >= _FLUSH_PARTS:
             self._flush()

@@ -19,6 +19,7 @@ import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from heapq import heappush
 from typing import Protocol
 
 import networkx as nx
@@ -45,8 +46,9 @@ class Call:
 
     ``simpy.Environment.step`` needs only ``callbacks`` and ``_ok`` of what it pops, so this
     slotted object stands in for a ``Timeout`` plus a ``partial`` per scheduled call: the
-    simulator schedules one per datagram and per wake-up. It goes through
-    ``Environment.schedule`` with a Timeout's priority, so ties keep SimPy's FIFO order.
+    simulator schedules one per datagram and per wake-up. It is queued as
+    ``Environment.schedule`` queues an event, with a Timeout's priority, so ties keep SimPy's
+    FIFO order.
     """
 
     __slots__ = ("callbacks", "value")
@@ -59,8 +61,13 @@ class Call:
 
 def call_later(env: simpy.Environment, delay: float,
                callbacks: tuple[Callable[[Call], None], ...], value: object) -> None:
-    """Runs each of ``callbacks`` with a ``Call`` carrying ``value`` after ``delay``."""
-    env.schedule(Call(callbacks, value), NORMAL, delay)  # type: ignore[arg-type]
+    """Runs each of ``callbacks`` with a ``Call`` carrying ``value`` after ``delay``.
+
+    The queue entry is the one ``Environment.schedule`` pushes, built here to save its call
+    on the per-datagram path.
+    """
+    heappush(env._queue, (env._now + delay, NORMAL, next(env._eid),  # type: ignore[misc]
+                          Call(callbacks, value)))
 
 
 class Middlebox(Protocol):
@@ -176,7 +183,11 @@ class _Cut:
 Hop = tuple[Link, int, str, "Middlebox | None"]
 """One link crossed in a direction (0: ends[0] to ends[1]), the node reached, its middlebox."""
 Receiver = Callable[[bytes, Address], None]
-DeliveryObserver = Callable[[float, Packet], None]
+DeliveryObserver = Callable[[float, Address, Address, bytes], None]
+"""Called with (time, source, destination, data) for every datagram handed to a receiver."""
+Datagram = tuple[Address, Address, bytes]
+"""A datagram scheduled for delivery: (source, destination, data), cheaper to build than a
+``Packet`` on the path that needs no middlebox."""
 
 
 class Network:
@@ -298,7 +309,7 @@ class Network:
                         counters["lost"] += 1
                         return
                     delay += link.sample_delay(rng)
-                call_later(self.env, delay, self._deliver_callbacks, Packet(src, dst, data))
+                call_later(self.env, delay, self._deliver_callbacks, (src, dst, data))
                 return
         packet = Packet(src, dst, data)
         now = self.env.now
@@ -348,11 +359,12 @@ class Network:
         else:
             counters["no_route"] += 1
             return
-        call_later(self.env, delay, self._deliver_callbacks, packet)
+        datagram = (packet.src, packet.dst, packet.data)
+        call_later(self.env, delay, self._deliver_callbacks, datagram)
         if duplicate:
             counters["duplicated"] += 1
             extra = delay + rng.random() * max(delay, 1e-3)
-            call_later(self.env, extra, self._deliver_callbacks, packet)
+            call_later(self.env, extra, self._deliver_callbacks, datagram)
 
     def _plain_links(self, src: str, dst: str) -> tuple[Link, ...] | None:
         """The links from host ``src`` to host ``dst`` when every one is plain and no
@@ -390,16 +402,19 @@ class Network:
         return None
 
     def _deliver(self, call: Call) -> None:
-        packet: Packet = call.value  # type: ignore[assignment]
-        receiver = self._receivers.get(packet.dst)
+        datagram: Datagram = call.value  # type: ignore[assignment]
+        src, dst, data = datagram
+        receiver = self._receivers.get(dst)
+        counters = self.counters
         if receiver is None:
-            self.counters["no_listener"] += 1
+            counters["no_listener"] += 1
             return
-        self.counters["delivered"] += 1
-        self.counters["bytes_delivered"] += len(packet.data)
-        if self.on_delivery is not None:
-            self.on_delivery(self.env.now, packet)
-        receiver(packet.data, packet.src)
+        counters["delivered"] += 1
+        counters["bytes_delivered"] += len(data)
+        on_delivery = self.on_delivery
+        if on_delivery is not None:
+            on_delivery(self.env.now, src, dst, data)
+        receiver(data, src)
 
     # -- routing ---------------------------------------------------------------------------
 
