@@ -714,6 +714,35 @@ def test_members_that_agree_exchange_two_digests_and_nothing_more() -> None:
     assert cluster.converged()
 
 
+def test_a_follow_up_pull_whose_answer_was_lost_is_asked_again_until_the_views_match() -> None:
+    cluster = seeds_and_joiner(5)
+    pulls: list[tuple[float, int]] = []
+    lost: list[int] = []
+
+    def tap(sender: int, destination: tuple[str, int], datagram: bytes) -> None:
+        cluster.blocked.pop((0, 5), None)
+        receiver = cluster.index_of[destination]
+        if {sender, receiver} != {0, 5}:
+            return
+        message = opened(cluster.identities[receiver], cluster.keys[sender], datagram)
+        if not isinstance(message, StateDigest):
+            return
+        if sender == 5 and message.want_reply:
+            pulls.append((cluster.now, message.exchange))
+        elif sender == 0 and pulls and not lost and message.exchange == pulls[0][1]:
+            lost.append(message.exchange)
+            cluster.blocked[(0, 5)] = None
+
+    cluster.taps.append(tap)
+    cluster.join(5, [0])
+    cluster.run_for(cluster.config.push_pull_interval + 5 * JOIN_REPLY_PERIODS)
+    assert lost
+    assert len(pulls) == 2
+    assert pulls[1][0] - pulls[0][0] == pytest.approx(
+        JOIN_REPLY_PERIODS * cluster.config.protocol_period
+    )
+
+
 def test_a_dead_member_we_never_knew_is_not_taken_from_a_periodic_exchange() -> None:
     cluster = Cluster(8)
     node = lone_node_knowing(cluster, range(1, 7))

@@ -115,6 +115,9 @@ JOIN_REPLY_PERIODS = 2.0
 JOIN_ATTEMPTS = 4
 """Full-state requests one join makes at most (lost requests, lost chunks of the reply)."""
 
+PULL_ATTEMPTS = 3
+"""Digest exchanges of a joiner's follow-up pull at most (while its seed's view still differs)."""
+
 MAX_OPEN_EXCHANGES = 16
 """Digest exchanges we opened and still accept an answer to (the oldest is forgotten)."""
 
@@ -476,6 +479,7 @@ class _Timer(enum.IntEnum):
     REAP = 6
     JOIN_RETRY = 7
     NEWCOMER = 8
+    PULL_RETRY = 9
 
 
 _LIVE = (MemberState.ALIVE, MemberState.SUSPECT)
@@ -544,6 +548,7 @@ class Membership:
         self._join_parts_total = 0
         self._join_attempts_left = 0
         self._follow_up_due = False
+        self._pull_attempts_left = 0
         self._digests_sent: dict[bytes, int] = {}
         self._quiet_exchange = 0
         self._live_order = 0
@@ -897,8 +902,9 @@ class Membership:
     def _state_entry(member: _Member) -> StateEntry:
         return StateEntry(member.record, member.accusation())
 
-    def _start_exchange(self, peer: bytes, addr: Address, *, quiet: bool = False) -> None:
-        """Open a push-pull with our state digest; the rest follows ``_on_state_digest``.
+    def _start_exchange(self, peer: bytes, addr: Address, *, quiet: bool = False) -> int:
+        """Open a push-pull with our state digest (the rest follows ``_on_state_digest``);
+        returns the exchange id.
 
         ``quiet``: what the peer sends is not gossiped on (a joiner's follow-up pull).
         """
@@ -913,6 +919,7 @@ class Membership:
         digest = state_digest(entries, digest_bucket_count(len(entries)))
         self._send(peer, StateDigest(exchange, True, digest), addr)
         self.counters["state_digest_sent"] += 1
+        return exchange
 
     def _send_hello(self, peer: bytes, addr: Address, exchange: int, want_reply: bool) -> None:
         own = self._state_entry(self._members[self._public_key])
@@ -1310,6 +1317,8 @@ class Membership:
             self.counters["state_digest_sent"] += 1
         differing = {bucket for bucket in range(count) if own[bucket] != digest.buckets[bucket]}
         if not differing:
+            if digest.exchange == self._quiet_exchange:
+                self._pull_attempts_left = 0
             return
         wanted = [e for e in entries if digest_bucket(e.record.public_key, count) in differing]
         chunks = chunk_state_entries(wanted)
@@ -1428,6 +1437,9 @@ class Membership:
         elif kind is _Timer.JOIN_RETRY:
             if ref == self._join_exchange:
                 self._check_join_reply()
+        elif kind is _Timer.PULL_RETRY:
+            if ref == self._quiet_exchange:
+                self._pull_from_seed()
         elif kind is _Timer.RELAY:
             assert isinstance(ref, int)
             relay = self._relays.pop(ref, None)
@@ -1599,9 +1611,8 @@ class Membership:
         """
         if self._follow_up_due:
             self._follow_up_due = False
-            seed_addr, seed = self._join_seed
-            if seed is not None and seed in self._trusted:
-                self._start_exchange(seed, seed_addr, quiet=True)
+            self._pull_attempts_left = PULL_ATTEMPTS
+            if self._pull_from_seed():
                 return
         chosen = self._alive.sample(self._rng, 1, ())
         if chosen:
@@ -1609,6 +1620,20 @@ class Membership:
             addr = member.target_address()
             if addr is not None:
                 self._start_exchange(member.public_key, addr)
+
+    def _pull_from_seed(self) -> bool:
+        """One digest exchange of the follow-up pull; asked again ``JOIN_REPLY_PERIODS``
+        later unless the seed's digest answer matched ours (a lost digest or chunk would
+        otherwise leave members unknown until the next push-pull, minutes away at 1000
+        members, since what the pull brings is not gossiped). False: nothing was sent."""
+        seed_addr, seed = self._join_seed
+        if self._pull_attempts_left <= 0 or seed is None or seed not in self._trusted:
+            return False
+        self._pull_attempts_left -= 1
+        exchange = self._start_exchange(seed, seed_addr, quiet=True)
+        retry_at = self._now + JOIN_REPLY_PERIODS * self._config.protocol_period
+        self._schedule(retry_at, _Timer.PULL_RETRY, exchange)
+        return True
 
     def _push_pull_wait(self, members: int) -> float:
         """Time to the next periodic exchange: the scaled period, jittered ±50% so that
