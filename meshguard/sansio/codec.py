@@ -43,6 +43,7 @@ from meshguard.sansio.codec_wire import (
 )
 from meshguard.sansio.errors import DecodeError, LocalProtocolError
 from meshguard.sansio.messages import (
+    Dead,
     Endpoint,
     MemberRecord,
     Message,
@@ -70,6 +71,7 @@ __all__ = [
     "digest_bucket",
     "digest_bucket_count",
     "encoded_size",
+    "entry_digest",
     "is_small_order",
     "key_id",
     "make_record",
@@ -315,15 +317,14 @@ def digest_bucket(public_key: bytes, buckets: int) -> int:
     return public_key[0] * buckets >> 8
 
 
-def _entry_digest(entry: StateEntry) -> int:
+def entry_digest(record: MemberRecord, accusation: Suspect | Dead | None) -> int:
     """32 bits of a hash of one member as a state exchange shows it: its record, named by
     the signature (unique to the record's content), and the accusation, if any."""
-    accusation = entry.suspect_or_dead
     if accusation is None:
-        shown = entry.record.signature
+        shown = record.signature
     else:
         tag = b"S" if isinstance(accusation, Suspect) else b"D"
-        shown = entry.record.signature + tag + accusation.incarnation.to_bytes(8, "big")
+        shown = record.signature + tag + accusation.incarnation.to_bytes(8, "big")
     return int.from_bytes(blake3.blake3(shown).digest(4), "big")
 
 
@@ -332,7 +333,8 @@ def state_digest(entries: Sequence[StateEntry], buckets: int) -> tuple[int, ...]
     (so the order of the entries does not matter)."""
     digest = [0] * buckets
     for entry in entries:
-        digest[digest_bucket(entry.record.public_key, buckets)] ^= _entry_digest(entry)
+        bucket = digest_bucket(entry.record.public_key, buckets)
+        digest[bucket] ^= entry_digest(entry.record, entry.suspect_or_dead)
     return tuple(digest)
 
 

@@ -38,13 +38,13 @@ from meshguard.sansio.codec import (
     digest_bucket,
     digest_bucket_count,
     encoded_size,
+    entry_digest,
     key_id,
     make_record,
     open_datagram,
     pair_key,
     peek_sender,
     seal,
-    state_digest,
     update_size,
     verify_record,
 )
@@ -389,6 +389,8 @@ class _Member:
         "accuser",
         "address",
         "changed_at",
+        "digest",
+        "digest_of",
         "endpoint_index",
         "in_probe_order",
         "incarnation",
@@ -413,6 +415,8 @@ class _Member:
         self.in_probe_order = False
         self.knows_us = False
         self.live_order = 0
+        self.digest = 0
+        self.digest_of: tuple[MemberRecord, MemberState, int] | None = None
 
     def target_address(self) -> Address | None:
         """Where to reach it: where it last spoke from, else one of its advertised endpoints."""
@@ -423,6 +427,15 @@ class _Member:
             return None
         endpoint = endpoints[self.endpoint_index % len(endpoints)]
         return (endpoint.host, endpoint.port)
+
+    def entry_digest(self) -> int:
+        """``codec.entry_digest`` of this member, remembered until its record or state
+        changes (every push-pull digests every member, on both sides)."""
+        shown = (self.record, self.state, self.incarnation)
+        if self.digest_of != shown:
+            self.digest_of = shown
+            self.digest = entry_digest(self.record, self.accusation())
+        return self.digest
 
     def accusation(self) -> Suspect | Dead | None:
         state = self.state
@@ -915,8 +928,7 @@ class Membership:
             del self._digests_sent[next(iter(self._digests_sent))]
         if quiet:
             self._quiet_exchange = exchange
-        entries = [self._state_entry(m) for m in self._members.values()]
-        digest = state_digest(entries, digest_bucket_count(len(entries)))
+        digest = self._state_digest(digest_bucket_count(len(self._members)))
         self._send(peer, StateDigest(exchange, True, digest), addr)
         self.counters["state_digest_sent"] += 1
         return exchange
@@ -1094,9 +1106,12 @@ class Membership:
         member = self._members.get(key)
         if member is not None:
             held = member.record
-            if record is held or record.incarnation < held.incarnation:
+            if record is held or (record.signature == held.signature and record == held):
+                if spread:
+                    limit = self._config.retransmit_limit(self._live_count)
+                    self._queue.heard(key, held, limit)
                 return
-            if record.signature == held.signature and record == held:
+            if record.incarnation < held.incarnation:
                 return
         elif key not in self._trusted:
             self.counters["untrusted_member"] += 1
@@ -1310,8 +1325,7 @@ class Membership:
             self.counters["unexpected_digest"] += 1
             return
         count = len(digest.buckets)
-        entries = [self._state_entry(m) for m in self._members.values()]
-        own = state_digest(entries, count)
+        own = self._state_digest(count)
         if digest.want_reply:
             self._send(sender, StateDigest(digest.exchange, False, own), addr)
             self.counters["state_digest_sent"] += 1
@@ -1320,11 +1334,23 @@ class Membership:
             if digest.exchange == self._quiet_exchange:
                 self._pull_attempts_left = 0
             return
-        wanted = [e for e in entries if digest_bucket(e.record.public_key, count) in differing]
+        wanted = [
+            self._state_entry(m)
+            for key, m in self._members.items()
+            if digest_bucket(key, count) in differing
+        ]
         chunks = chunk_state_entries(wanted)
         for part, chunk in enumerate(chunks):
             self._send(sender, StateSync(digest.exchange, part, len(chunks), False, chunk), addr)
         self.counters["state_sync_sent"] += 1
+
+    def _state_digest(self, buckets: int) -> tuple[int, ...]:
+        """``codec.state_digest`` of the entries ``_send_state`` would send, from each
+        member's remembered hash."""
+        digest = [0] * buckets
+        for key, member in self._members.items():
+            digest[digest_bucket(key, buckets)] ^= member.entry_digest()
+        return tuple(digest)
 
     def _may_answer(self, sender: bytes, exchange: int) -> bool:
         """Whether to answer ``sender``'s exchange: once per exchange id, and at most once per
