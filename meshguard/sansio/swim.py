@@ -541,6 +541,8 @@ class Membership:
         self._alive = _IndexedKeys()
         self._dead = _IndexedKeys()
         self._live_count = 1
+        self._limit_members = 0
+        self._limit = 0
         self._queue = TransmitQueue()
         self._awareness = Awareness(config.awareness_max)
         self._timers: list[tuple[float, int, _Timer, bytes | int]] = []
@@ -860,8 +862,16 @@ class Membership:
         room = MAX_DATAGRAM - bare_size - sum(update_size(u) for u in first)
         if not len(self._queue):
             return first
-        limit = self._config.retransmit_limit(self._live_count)
+        limit = self._retransmit_limit()
         return first + tuple(self._queue.take(room, limit, ACCUSATION_SIZE, skip))
+
+    def _retransmit_limit(self) -> int:
+        """``retransmit_limit`` of the live count, recomputed only when the count changed
+        (it is asked for every datagram filled and every record heard again)."""
+        if self._limit_members != self._live_count:
+            self._limit_members = self._live_count
+            self._limit = self._config.retransmit_limit(self._live_count)
+        return self._limit
 
     def _accusation_for(self, peer: bytes) -> tuple[Update, ...]:
         """Lifeguard: tell a member we suspect (or hold dead) so at the first chance."""
@@ -1108,8 +1118,7 @@ class Membership:
             held = member.record
             if record is held or (record.signature == held.signature and record == held):
                 if spread:
-                    limit = self._config.retransmit_limit(self._live_count)
-                    self._queue.heard(key, held, limit)
+                    self._queue.heard(key, held, self._retransmit_limit())
                 return
             if record.incarnation < held.incarnation:
                 return
