@@ -5,12 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from meshguard.sansio.codec import make_record
 from meshguard.sansio.codec_wire import ACCUSATION_SIZE
 from meshguard.sansio.errors import LocalProtocolError
-from meshguard.sansio.messages import Alive, Dead, NatInfo, RecordStatus, Suspect
+from meshguard.sansio.messages import Dead, Suspect
 from meshguard.sansio.swim_broadcast import MAX_SKIPS, TransmitQueue
 from meshguard.sansio.swim_config import SwimConfig
 from meshguard.sansio.swim_lifeguard import Awareness, Suspicion, suspicion_timeout
@@ -201,21 +199,3 @@ def test_queue_stops_looking_after_a_few_updates_that_do_not_fit() -> None:
     queue.discard(key(1))
     assert queue.take(100, 10, 73) == [suspect(0)]
 
-
-def test_a_record_heard_again_counts_as_one_of_its_transmissions() -> None:
-    signer = Ed25519PrivateKey.from_private_bytes(bytes(32))
-    member = signer.public_key().public_bytes_raw()
-    record = make_record(member, 1, RecordStatus.ALIVE, (), NatInfo(), signer.sign)
-    newer = make_record(member, 2, RecordStatus.ALIVE, (), NatInfo(), signer.sign)
-    queue = TransmitQueue()
-    queue.put(member, Alive(record), 200)
-    queue.put(key(1), suspect(1), ACCUSATION_SIZE)
-    queue.heard(member, newer, 4)
-    queue.heard(key(1), record, 4)
-    assert queue.take(ACCUSATION_SIZE, 4, ACCUSATION_SIZE) == [suspect(1)]
-    queue.heard(member, record, 4)
-    assert queue.take(1000, 4, ACCUSATION_SIZE) == [Alive(record), suspect(1)]
-    queue.heard(member, record, 4)
-    queue.heard(member, record, 4)
-    assert member not in queue
-    assert queue.take(1000, 4, ACCUSATION_SIZE) == [suspect(1)]

@@ -867,7 +867,7 @@ class Membership:
 
     def _retransmit_limit(self) -> int:
         """``retransmit_limit`` of the live count, recomputed only when the count changed
-        (it is asked for every datagram filled and every record heard again)."""
+        (it is asked for every datagram filled)."""
         if self._limit_members != self._live_count:
             self._limit_members = self._live_count
             self._limit = self._config.retransmit_limit(self._live_count)
@@ -1116,11 +1116,9 @@ class Membership:
         member = self._members.get(key)
         if member is not None:
             held = member.record
-            if record is held or (record.signature == held.signature and record == held):
-                if spread:
-                    self._queue.heard(key, held, self._retransmit_limit())
+            if record is held or record.incarnation < held.incarnation:
                 return
-            if record.incarnation < held.incarnation:
+            if record.signature == held.signature and record == held:
                 return
         elif key not in self._trusted:
             self.counters["untrusted_member"] += 1

@@ -18,7 +18,7 @@ each extra dict store per update handed out was a cache miss.
 
 from __future__ import annotations
 
-from meshguard.sansio.messages import Alive, MemberRecord, Update
+from meshguard.sansio.messages import Update
 
 MAX_SKIPS = 8
 """Updates too large for the remaining room examined before giving up on filling a datagram."""
@@ -68,24 +68,6 @@ class TransmitQueue:
             del bucket[member]
             if not bucket:
                 del self._buckets[pending.sent]
-
-    def heard(self, member: bytes, record: MemberRecord, limit: int) -> None:
-        """Someone else sent us the record queued about ``member``: count it as one of its
-        transmissions (it leaves the queue at ``limit``).
-
-        Rumour mongering with feedback (Demers et al. 1987): an update that reaches us again
-        is already widespread, so we lose interest in it sooner. In a mass join every node
-        otherwise sends each of a thousand records its full retransmit limit, mostly to
-        members that have it.
-        """
-        pending = self._pending.get(member)
-        if pending is None:
-            return
-        update = pending.update
-        if not isinstance(update, Alive) or update.record is not record:
-            return
-        sent = pending.sent
-        self._move_on(sent, self._buckets[sent], [(member, pending)], limit)
 
     def take(
         self, room: int, limit: int, smallest: int, skip: bytes | None = None
