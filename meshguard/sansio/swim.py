@@ -115,8 +115,8 @@ JOIN_REPLY_PERIODS = 2.0
 JOIN_ATTEMPTS = 4
 """Full-state requests one join makes at most (lost requests, lost chunks of the reply)."""
 
-PULL_ATTEMPTS = 3
-"""Digest exchanges of a joiner's follow-up pull at most (while its seed's view still differs)."""
+PULL_ATTEMPTS = 4
+"""Digest exchanges of a joiner's follow-up pull at most (until one is answered in full)."""
 
 MAX_OPEN_EXCHANGES = 16
 """Digest exchanges we opened and still accept an answer to (the oldest is forgotten)."""
@@ -564,6 +564,7 @@ class Membership:
         self._join_attempts_left = 0
         self._follow_up_due = False
         self._pull_attempts_left = 0
+        self._pull_parts: set[int] = set()
         self._digests_sent: dict[bytes, int] = {}
         self._quiet_exchange = 0
         self._live_order = 0
@@ -1390,6 +1391,10 @@ class Membership:
         newcomer = known is None or known.state not in _LIVE
         join_reply = not sync.want_reply and sync.exchange == self._join_exchange
         quiet = join_reply or sync.exchange == self._quiet_exchange
+        if quiet and not join_reply:
+            self._pull_parts.add(sync.part)
+            if len(self._pull_parts) >= sync.parts:
+                self._pull_attempts_left = 0
         if join_reply:
             if not self._join_answered:
                 self._join_answered = True
@@ -1656,13 +1661,16 @@ class Membership:
 
     def _pull_from_seed(self) -> bool:
         """One digest exchange of the follow-up pull; asked again ``JOIN_REPLY_PERIODS``
-        later unless the seed's digest answer matched ours (a lost digest or chunk would
-        otherwise leave members unknown until the next push-pull, minutes away at 1000
-        members, since what the pull brings is not gossiped). False: nothing was sent."""
+        later unless the seed's answer came whole: its digest equal to ours, or every chunk
+        of what differs (a lost digest or chunk would otherwise leave members unknown until
+        the next push-pull, minutes away at 1000 members, since what the pull brings is not
+        gossiped; each new exchange asks only for what still differs). False: nothing sent.
+        """
         seed_addr, seed = self._join_seed
         if self._pull_attempts_left <= 0 or seed is None or seed not in self._trusted:
             return False
         self._pull_attempts_left -= 1
+        self._pull_parts = set()
         exchange = self._start_exchange(seed, seed_addr, quiet=True)
         retry_at = self._now + JOIN_REPLY_PERIODS * self._config.protocol_period
         self._schedule(retry_at, _Timer.PULL_RETRY, exchange)
