@@ -675,6 +675,25 @@ def test_a_digest_is_answered_with_ours_and_the_members_of_the_buckets_that_diff
     assert node.counters["state_digest_received"] == 2
 
 
+def test_our_digest_follows_a_members_state_in_its_bucket_only() -> None:
+    cluster = Cluster(30)
+    lone_node_knowing(cluster, range(1, 30))
+    answers = digest_answers(cluster, 0)
+    digests: list[tuple[int, ...]] = []
+    for exchange in (7, 8):
+        opening = sealed(
+            cluster.identities[1], cluster.keys[0], StateDigest(exchange, True, (0,) * 8)
+        )
+        cluster.inject(opening, cluster.addresses[1], 0)
+        [ours] = [a for a in answers if isinstance(a, StateDigest) and a.exchange == exchange]
+        digests.append(ours.buckets)
+        gossip(cluster, 2, 0, Suspect(cluster.keys[5], 0, cluster.keys[2]))
+        cluster.run_for(cluster.config.sync_reply_min_interval)
+    before, after = digests
+    changed = [b for b in range(8) if before[b] != after[b]]
+    assert changed == [codec.digest_bucket(cluster.keys[5], 8)]
+
+
 def test_a_digest_answering_no_exchange_of_ours_is_ignored() -> None:
     cluster = Cluster(10)
     node = lone_node_knowing(cluster, range(1, 10))
