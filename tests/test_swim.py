@@ -762,46 +762,62 @@ def test_a_follow_up_pull_whose_answer_was_lost_is_asked_again_until_the_views_m
     )
 
 
+class PullingJoiner:
+    """Node 0 joined through node 1, which exists only as forged answers: the test plays the
+    seed, and ``pulls`` are node 0's follow-up digests to it."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.sent: list[tuple[float, Message]] = []
+        cluster.start(0)
+        cluster.taps.append(self._tap)
+        cluster.join(0, [1])
+        [(_, join)] = self.sent
+        assert isinstance(join, StateSync)
+        seed_entry = StateEntry(record_of(cluster.identities[1], 0))
+        self.answer(StateSync(join.exchange, 0, 1, False, (seed_entry,)))
+        while not self.pulls():
+            cluster.run_for(0.05)
+
+    def _tap(self, sender: int, destination: tuple[str, int], datagram: bytes) -> None:
+        if sender == 0 and destination == self.cluster.addresses[1]:
+            message = opened(self.cluster.identities[1], self.cluster.keys[0], datagram)
+            self.sent.append((self.cluster.now, message))
+
+    def answer(self, message: Message) -> None:
+        datagram = sealed(self.cluster.identities[1], self.cluster.keys[0], message)
+        self.cluster.inject(datagram, self.cluster.addresses[1], 0)
+
+    def pulls(self) -> list[tuple[float, StateDigest]]:
+        return [(t, m) for t, m in self.sent if isinstance(m, StateDigest) and m.want_reply]
+
+
 def test_a_follow_up_pull_is_asked_again_until_every_chunk_of_an_answer_came() -> None:
     cluster = Cluster(12)
-    cluster.start(0)
-    node = cluster.node(0)
-    opened_by_1: list[tuple[float, Message]] = []
-
-    def tap(sender: int, destination: tuple[str, int], datagram: bytes) -> None:
-        if sender == 0 and destination == cluster.addresses[1]:
-            message = opened(cluster.identities[1], cluster.keys[0], datagram)
-            opened_by_1.append((cluster.now, message))
-
-    def answer(message: Message) -> None:
-        datagram = sealed(cluster.identities[1], cluster.keys[0], message)
-        cluster.inject(datagram, cluster.addresses[1], 0)
-
-    cluster.taps.append(tap)
-    cluster.join(0, [1])
-    [(_, join)] = opened_by_1
-    assert isinstance(join, StateSync)
-    seed_entry = StateEntry(record_of(cluster.identities[1], 0))
-    answer(StateSync(join.exchange, 0, 1, False, (seed_entry,)))
+    joiner = PullingJoiner(cluster)
     entries = tuple(StateEntry(record_of(cluster.identities[i], 0)) for i in range(2, 12))
-
-    def pulls() -> list[tuple[float, StateDigest]]:
-        return [(t, m) for t, m in opened_by_1 if isinstance(m, StateDigest) and m.want_reply]
-
-    while not pulls():
-        cluster.run_for(0.05)
-    [(first_at, first)] = pulls()
-    answer(StateDigest(first.exchange, False, (1,) * len(first.buckets)))
-    answer(StateSync(first.exchange, 0, 2, False, entries[:5]))
-    cluster.run_for(JOIN_REPLY_PERIODS * cluster.config.protocol_period + 0.1)
-    [_, (second_at, second)] = pulls()
+    [(first_at, first)] = joiner.pulls()
+    joiner.answer(StateDigest(first.exchange, False, (1,) * len(first.buckets)))
+    joiner.answer(StateSync(first.exchange, 0, 2, False, entries[:5]))
     retry = JOIN_REPLY_PERIODS * cluster.config.protocol_period
+    cluster.run_for(retry + 0.1)
+    [_, (second_at, second)] = joiner.pulls()
     assert second_at - first_at == pytest.approx(retry)
-    answer(StateSync(second.exchange, 0, 2, False, entries[:5]))
-    answer(StateSync(second.exchange, 1, 2, False, entries[5:]))
+    joiner.answer(StateSync(second.exchange, 0, 2, False, entries[:5]))
+    joiner.answer(StateSync(second.exchange, 1, 2, False, entries[5:]))
+    cluster.run_for(3 * retry)
+    assert len(joiner.pulls()) == 2
+    assert all(cluster.node(0).member(cluster.keys[i]) is not None for i in range(2, 12))
+
+
+def test_a_follow_up_pull_ends_when_the_seed_found_nothing_to_send() -> None:
+    cluster = Cluster(12)
+    joiner = PullingJoiner(cluster)
+    [(_, first)] = joiner.pulls()
+    gossip(cluster, 1, 0, Alive(record_of(cluster.identities[2], 0)))
+    joiner.answer(StateDigest(first.exchange, False, first.buckets))
     cluster.run_for(3 * JOIN_REPLY_PERIODS * cluster.config.protocol_period)
-    assert len(pulls()) == 2
-    assert all(node.member(cluster.keys[i]) is not None for i in range(2, 12))
+    assert len(joiner.pulls()) == 1
 
 
 def test_a_dead_member_we_never_knew_is_not_taken_from_a_periodic_exchange() -> None:

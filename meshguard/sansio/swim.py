@@ -577,6 +577,7 @@ class Membership:
         self._pull_parts: set[int] = set()
         self._digests_sent: dict[bytes, int] = {}
         self._quiet_exchange = 0
+        self._pull_digest: tuple[int, ...] = ()
         self._live_order = 0
         self._newcomers: dict[bytes, tuple[int, Address]] = {}
 
@@ -947,9 +948,10 @@ class Membership:
         self._digests_sent[peer] = exchange
         while len(self._digests_sent) > MAX_OPEN_EXCHANGES:
             del self._digests_sent[next(iter(self._digests_sent))]
+        digest = self._state_digest(digest_bucket_count(len(self._members)))
         if quiet:
             self._quiet_exchange = exchange
-        digest = self._state_digest(digest_bucket_count(len(self._members)))
+            self._pull_digest = digest
         self._send(peer, StateDigest(exchange, True, digest), addr)
         self.counters["state_digest_sent"] += 1
         return exchange
@@ -1342,6 +1344,8 @@ class Membership:
         else:
             self.counters["unexpected_digest"] += 1
             return
+        if digest.exchange == self._quiet_exchange and digest.buckets == self._pull_digest:
+            self._pull_attempts_left = 0
         count = len(digest.buckets)
         own = self._state_digest(count)
         if digest.want_reply:
@@ -1671,10 +1675,11 @@ class Membership:
 
     def _pull_from_seed(self) -> bool:
         """One digest exchange of the follow-up pull; asked again ``JOIN_REPLY_PERIODS``
-        later unless the seed's answer came whole: its digest equal to ours, or every chunk
-        of what differs (a lost digest or chunk would otherwise leave members unknown until
-        the next push-pull, minutes away at 1000 members, since what the pull brings is not
-        gossiped; each new exchange asks only for what still differs). False: nothing sent.
+        later unless the seed's answer came whole: its digest equal to the one we opened with
+        (it then sends nothing) or to our state now, or every chunk of what differs (a lost
+        digest or chunk would otherwise leave members unknown until the next push-pull,
+        minutes away at 1000 members, since what the pull brings is not gossiped; each new
+        exchange asks only for what still differs). False: nothing sent.
         """
         seed_addr, seed = self._join_seed
         if self._pull_attempts_left <= 0 or seed is None or seed not in self._trusted:
