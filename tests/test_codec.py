@@ -577,11 +577,17 @@ def test_a_state_digest_buckets_about_four_members_each_up_to_256() -> None:
     assert codec.digest_bucket(bytes([0xFF]) + bytes(31), 256) == 255
 
 
+def digest_of(entries: list[StateEntry], buckets: int) -> tuple[int, ...]:
+    hashes = [(e.record.public_key, codec.entry_digest(e.record, e.suspect_or_dead))
+              for e in entries]
+    return codec.state_digest(hashes, buckets)
+
+
 def test_a_state_digest_shows_every_record_and_accusation_in_its_bucket_only() -> None:
     members = [Member.from_byte(n) for n in range(10, 30)]
     entries = [StateEntry(m.record(1)) for m in members]
-    digest = codec.state_digest(entries, 4)
-    assert codec.state_digest(entries[::-1], 4) == digest
+    digest = digest_of(entries, 4)
+    assert digest_of(entries[::-1], 4) == digest
     for index, change in enumerate(
         [
             StateEntry(members[3].record(2)),
@@ -590,10 +596,10 @@ def test_a_state_digest_shows_every_record_and_accusation_in_its_bucket_only() -
             StateEntry(members[3].record(1), Suspect(members[3].public_key, 2, ALICE.public_key)),
         ]
     ):
-        changed = codec.state_digest([*entries[:3], change, *entries[4:]], 4)
+        changed = digest_of([*entries[:3], change, *entries[4:]], 4)
         differing = [b for b in range(4) if changed[b] != digest[b]]
         assert differing == [codec.digest_bucket(members[3].public_key, 4)], index
-    assert codec.state_digest(entries[:3] + entries[4:], 4) != digest
+    assert digest_of(entries[:3] + entries[4:], 4) != digest
 
 
 def test_state_entries_chunk_into_datagrams_within_budget() -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 
 import blake3
@@ -328,13 +328,12 @@ def entry_digest(record: MemberRecord, accusation: Suspect | Dead | None) -> int
     return int.from_bytes(blake3.blake3(shown).digest(4), "big")
 
 
-def state_digest(entries: Sequence[StateEntry], buckets: int) -> tuple[int, ...]:
-    """The ``StateDigest`` buckets of ``entries``: per bucket, the XOR of its entries' hashes
-    (so the order of the entries does not matter)."""
+def state_digest(hashes: Iterable[tuple[bytes, int]], buckets: int) -> tuple[int, ...]:
+    """The ``StateDigest`` buckets of (public key, ``entry_digest``) pairs: per bucket, the
+    XOR of its members' hashes (so their order does not matter)."""
     digest = [0] * buckets
-    for entry in entries:
-        bucket = digest_bucket(entry.record.public_key, buckets)
-        digest[bucket] ^= entry_digest(entry.record, entry.suspect_or_dead)
+    for public_key, entry_hash in hashes:
+        digest[digest_bucket(public_key, buckets)] ^= entry_hash
     return tuple(digest)
 
 

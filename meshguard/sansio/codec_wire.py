@@ -296,7 +296,7 @@ def _encode_state_sync(message: StateSync) -> bytes:
     )
 
 
-def _digest_bucket_count(count: int) -> bool:
+def _is_bucket_count(count: int) -> bool:
     """Whether ``count`` buckets is valid: a power of two from 1 to MAX_DIGEST_BUCKETS."""
     return 1 <= count <= MAX_DIGEST_BUCKETS and count & (count - 1) == 0
 
@@ -304,7 +304,7 @@ def _digest_bucket_count(count: int) -> bool:
 def _encode_state_digest(message: StateDigest) -> bytes:
     """exchange u64 | want_reply u8 | bucket count u16 | one u32 per bucket."""
     buckets = message.buckets
-    if not _digest_bucket_count(len(buckets)):
+    if not _is_bucket_count(len(buckets)):
         raise LocalProtocolError(f"a digest has 1..256 buckets, a power of two: {len(buckets)}")
     if any(type(b) is not int or not 0 <= b <= U32_MAX for b in buckets):
         raise LocalProtocolError("digest buckets must be integers in 0..2**32-1")
@@ -692,7 +692,7 @@ def _decode_state_digest(reader: _Reader) -> Message:
     exchange = reader.u64()
     want_reply = reader.flag("want_reply")
     count = reader.u16()
-    if not _digest_bucket_count(count):
+    if not _is_bucket_count(count):
         raise DecodeError(f"a state digest of {count} buckets is impossible")
     return StateDigest(exchange, want_reply, struct.unpack(f">{count}I", reader.take(4 * count)))
 

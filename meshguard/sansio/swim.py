@@ -45,6 +45,7 @@ from meshguard.sansio.codec import (
     pair_key,
     peek_sender,
     seal,
+    state_digest,
     update_size,
     verify_record,
 )
@@ -1344,17 +1345,17 @@ class Membership:
         else:
             self.counters["unexpected_digest"] += 1
             return
-        if digest.exchange == self._quiet_exchange and digest.buckets == self._pull_digest:
-            self._pull_attempts_left = 0
         count = len(digest.buckets)
         own = self._state_digest(count)
         if digest.want_reply:
             self._send(sender, StateDigest(digest.exchange, False, own), addr)
             self.counters["state_digest_sent"] += 1
         differing = {bucket for bucket in range(count) if own[bucket] != digest.buckets[bucket]}
+        if digest.exchange == self._quiet_exchange and (
+            not differing or digest.buckets == self._pull_digest
+        ):
+            self._pull_attempts_left = 0
         if not differing:
-            if digest.exchange == self._quiet_exchange:
-                self._pull_attempts_left = 0
             return
         wanted = [
             self._state_entry(m)
@@ -1369,10 +1370,7 @@ class Membership:
     def _state_digest(self, buckets: int) -> tuple[int, ...]:
         """``codec.state_digest`` of the entries ``_send_state`` would send, from each
         member's remembered hash."""
-        digest = [0] * buckets
-        for key, member in self._members.items():
-            digest[digest_bucket(key, buckets)] ^= member.entry_digest()
-        return tuple(digest)
+        return state_digest(((k, m.entry_digest()) for k, m in self._members.items()), buckets)
 
     def _may_answer(self, sender: bytes, exchange: int) -> bool:
         """Whether to answer ``sender``'s exchange: once per exchange id, and at most once per
@@ -1404,8 +1402,8 @@ class Membership:
         known = self._members.get(sender)
         newcomer = known is None or known.state not in _LIVE
         join_reply = not sync.want_reply and sync.exchange == self._join_exchange
-        quiet = join_reply or sync.exchange == self._quiet_exchange
-        if quiet and not join_reply:
+        pull_answer = not sync.want_reply and sync.exchange == self._quiet_exchange
+        if pull_answer:
             self._pull_parts.add(sync.part)
             if len(self._pull_parts) >= sync.parts:
                 self._pull_attempts_left = 0
@@ -1441,7 +1439,7 @@ class Membership:
                 else:
                     self.counters["bad_signature"] += 1
                 continue
-            self._on_record(record, spread=not quiet)
+            self._on_record(record, spread=not (join_reply or pull_answer))
             if accusation is not None:
                 self._on_suspect(accusation.member, accusation.incarnation, accusation.accuser)
         if sync.want_reply and self._may_answer(sender, sync.exchange):
