@@ -77,10 +77,15 @@ def record_of(
     )
 
 
+def deliver(cluster: Cluster, sender: int, receiver: int, message: Message) -> None:
+    """Deliver ``message`` to ``receiver`` now, sealed by ``sender`` and from its address."""
+    datagram = sealed(cluster.identities[sender], cluster.keys[receiver], message)
+    cluster.inject(datagram, cluster.addresses[sender], receiver)
+
+
 def gossip(cluster: Cluster, sender: int, receiver: int, *updates: Update) -> None:
     """Deliver updates to ``receiver`` in an authentic gossip datagram from ``sender``."""
-    datagram = sealed(cluster.identities[sender], cluster.keys[receiver], Ack(0, updates))
-    cluster.inject(datagram, cluster.addresses[sender], receiver)
+    deliver(cluster, sender, receiver, Ack(0, updates))
 
 
 def converged_cluster(size: int, config: SwimConfig | None = None, seed: int = 1) -> Cluster:
@@ -654,8 +659,7 @@ def test_a_digest_is_answered_with_ours_and_the_members_of_the_buckets_that_diff
     cluster = Cluster(30)
     node = lone_node_knowing(cluster, range(1, 30))
     answers = digest_answers(cluster, 0)
-    opening = StateDigest(7, True, (0,) * 8)
-    cluster.inject(sealed(cluster.identities[1], cluster.keys[0], opening), cluster.addresses[1], 0)
+    deliver(cluster, 1, 0, StateDigest(7, True, (0,) * 8))
     own, *everything = answers
     assert isinstance(own, StateDigest) and own.exchange == 7 and not own.want_reply
     assert {e.record.public_key for s in everything for e in s.entries} == set(cluster.keys)
@@ -664,8 +668,7 @@ def test_a_digest_is_answered_with_ours_and_the_members_of_the_buckets_that_diff
     cluster.run_for(cluster.config.sync_reply_min_interval)
     bucket = codec.digest_bucket(cluster.keys[5], 8)
     one_differs = tuple(b ^ (i == bucket) for i, b in enumerate(own.buckets))
-    opening = StateDigest(8, True, one_differs)
-    cluster.inject(sealed(cluster.identities[1], cluster.keys[0], opening), cluster.addresses[1], 0)
+    deliver(cluster, 1, 0, StateDigest(8, True, one_differs))
     again, sync = answers
     assert again == dataclasses.replace(own, exchange=8)
     assert isinstance(sync, StateSync) and sync.exchange == 8 and not sync.want_reply
@@ -681,10 +684,7 @@ def test_our_digest_follows_a_members_state_in_its_bucket_only() -> None:
     answers = digest_answers(cluster, 0)
     digests: list[tuple[int, ...]] = []
     for exchange in (7, 8):
-        opening = sealed(
-            cluster.identities[1], cluster.keys[0], StateDigest(exchange, True, (0,) * 8)
-        )
-        cluster.inject(opening, cluster.addresses[1], 0)
+        deliver(cluster, 1, 0, StateDigest(exchange, True, (0,) * 8))
         [ours] = [a for a in answers if isinstance(a, StateDigest) and a.exchange == exchange]
         digests.append(ours.buckets)
         gossip(cluster, 2, 0, Suspect(cluster.keys[5], 0, cluster.keys[2]))
@@ -698,8 +698,7 @@ def test_a_digest_answering_no_exchange_of_ours_is_ignored() -> None:
     cluster = Cluster(10)
     node = lone_node_knowing(cluster, range(1, 10))
     answers = digest_answers(cluster, 0)
-    unasked = StateDigest(7, False, (0,) * 4)
-    cluster.inject(sealed(cluster.identities[1], cluster.keys[0], unasked), cluster.addresses[1], 0)
+    deliver(cluster, 1, 0, StateDigest(7, False, (0,) * 4))
     assert answers == []
     assert node.counters["unexpected_digest"] == 1
 
@@ -708,9 +707,8 @@ def test_a_replayed_digest_is_answered_once() -> None:
     cluster = Cluster(10)
     lone_node_knowing(cluster, range(1, 10))
     answers = digest_answers(cluster, 0)
-    opening = sealed(cluster.identities[1], cluster.keys[0], StateDigest(7, True, (0,) * 4))
     for _ in range(3):
-        cluster.inject(opening, cluster.addresses[1], 0)
+        deliver(cluster, 1, 0, StateDigest(7, True, (0,) * 4))
         cluster.run_for(2 * cluster.config.sync_reply_min_interval)
     assert len([a for a in answers if isinstance(a, StateDigest)]) == 1
 
@@ -785,8 +783,7 @@ class PullingJoiner:
             self.sent.append((self.cluster.now, message))
 
     def answer(self, message: Message) -> None:
-        datagram = sealed(self.cluster.identities[1], self.cluster.keys[0], message)
-        self.cluster.inject(datagram, self.cluster.addresses[1], 0)
+        deliver(self.cluster, 1, 0, message)
 
     def pulls(self) -> list[tuple[float, StateDigest]]:
         return [(t, m) for t, m in self.sent if isinstance(m, StateDigest) and m.want_reply]

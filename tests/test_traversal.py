@@ -276,10 +276,14 @@ class Net:
                 self.flush(due)
         self.now = end
 
+    def join(self, index: int) -> None:
+        """Node ``index`` joins through node 0, now."""
+        self.nodes[index].join([self.where[0]], self.now)
+        self.flush(index)
+
     def join_all(self) -> None:
         for i in range(1, len(self.nodes)):
-            self.nodes[i].join([self.where[0]], self.now)
-            self.flush(i)
+            self.join(i)
 
     def send(self, source: int, destination: int, payload: bytes) -> None:
         packet = ipv4_udp_packet(
@@ -446,11 +450,9 @@ def test_a_fresh_observation_from_a_side_port_lets_the_peer_predict_a_busy_nats_
     net = BusyNatNet(
         [None, NatBox("203.0.113.2"), busy], busy=busy, rate=100.0, side_port_stun=side_port_stun
     )
-    net.nodes[2].join([net.where[0]], net.now)
-    net.flush(2)
+    net.join(2)
     net.run_until(3.0)
-    net.nodes[1].join([net.where[0]], net.now)
-    net.flush(1)
+    net.join(1)
     net.run_until(40.0)
     kind = PathKind.PUNCHED if side_port_stun else PathKind.RELAYED
     assert (net.path(1, 2), net.path(2, 1)) == (kind, kind)
@@ -481,15 +483,12 @@ def test_a_nat_mapping_per_destination_address_is_observed_through_the_peers_nei
     if not toward:
         for node in net.nodes:
             node.traversal._member_at_ip_of = lambda path: None  # type: ignore[method-assign]
-    net.nodes[3].join([net.where[0]], net.now)
-    net.flush(3)
+    net.join(3)
     net.run_until(5.0)
-    net.nodes[1].join([net.where[0]], net.now)
-    net.flush(1)
+    net.join(1)
     net.run_until(15.0)
     assert (net.path(3, 1), net.path(1, 3)) == (PathKind.PUNCHED, PathKind.PUNCHED)
-    net.nodes[2].join([net.where[0]], net.now)
-    net.flush(2)
+    net.join(2)
     net.run_until(40.0)
     kind = PathKind.PUNCHED if toward else PathKind.RELAYED
     assert (net.path(3, 2), net.path(2, 3)) == (kind, kind)
@@ -916,8 +915,7 @@ def test_a_punch_that_came_too_early_is_answered_once_the_initiator_is_known() -
     target punches back at once, even when its greater key would otherwise make it wait."""
     net = Net([None, NatBox("203.0.113.2"), NatBox("203.0.113.3")])
     target, initiator = (1, 2) if net.keys[1] > net.keys[2] else (2, 1)
-    net.nodes[target].join([net.where[0]], net.now)
-    net.flush(target)
+    net.join(target)
     net.run_until(3.0)
     assert net.keys[initiator] not in net.nodes[target].paths()
     request = PunchRequest(777, net.keys[initiator], net.keys[target], ())
@@ -926,8 +924,7 @@ def test_a_punch_that_came_too_early_is_answered_once_the_initiator_is_known() -
     net.nodes[target].receive_datagram(datagram, net.where[0], net.now)
     assert counter(net, target, "punch_refused") == 1
     sent = counter(net, target, "punch_requests_sent")
-    net.nodes[initiator].join([net.where[0]], net.now)
-    net.flush(initiator)
+    net.join(initiator)
     while net.keys[initiator] not in net.nodes[target].paths() and net.now < 20.0:
         net.run_until(net.now + 0.01)
     assert counter(net, target, "punch_requests_sent") == sent + 1
