@@ -1,4 +1,4 @@
-"""``python -m sim SCENARIO.yaml [--out DIR] [--seed N] [--plot] [--quiet]``.
+"""``python -m sim SCENARIO.yaml [--out DIR] [--seed N] [--workers N] [--plot] [--quiet]``.
 
 Exit status: 0 when every invariant held, 1 when one broke (the command that reproduces it
 is printed), 2 for an invalid scenario or command line (one line, no traceback).
@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from sim.parallel import parallel_problem
 from sim.runner import run
 from sim.scenario import ScenarioError, load_scenario
 
@@ -24,6 +25,16 @@ def _seed(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sim", description="Run a meshguard simulation scenario.")
@@ -31,11 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results directory "
                         "(default: results/<scenario name>/)")
     parser.add_argument("--seed", type=_seed, help="master seed (overrides the scenario's)")
+    parser.add_argument("--workers", type=_workers, default=1,
+                        help="processes to split the hosts across (same trace hash; pays off "
+                             "from a few hundred nodes; default 1)")
     parser.add_argument("--plot", action="store_true", help="also write PNG charts")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
         scenario = load_scenario(args.scenario)
+        if args.workers > 1:
+            problem = parallel_problem(scenario)
+            if problem is not None:
+                raise ScenarioError("--workers", problem, str(args.scenario))
     except ScenarioError as error:
         print(error, file=sys.stderr)
         return 2
@@ -44,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--out: {out_dir} exists and is not a directory", file=sys.stderr)
         return 2
     result = run(scenario, seed=args.seed, out_dir=out_dir, progress=not args.quiet,
-                 plot=args.plot)
+                 plot=args.plot, workers=args.workers)
     summary = result.summary
     print(f"scenario {summary['scenario']}: {summary['nodes']} nodes, "
           f"{summary['sim_seconds']:g} sim s in {summary['wall_seconds']:g} wall s "

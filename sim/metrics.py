@@ -42,6 +42,23 @@ class MembershipTable(Protocol):
     def members(self) -> Sequence[MemberViewLike]: ...
 
 
+Observed = tuple[str, bytes | None, int | None]
+"""A membership event as the tracker reads it: (event class name, member key, incarnation);
+plain tuples, so a parallel run ships them between processes cheaply."""
+
+
+def observed(events: Iterable[object]) -> list[Observed]:
+    """A core's events as ``Observed`` tuples."""
+    return [(type(event).__name__, getattr(event, "public_key", None),
+             getattr(event, "incarnation", None)) for event in events]
+
+
+def known_members(table: MembershipTable, own_key: bytes) -> set[bytes]:
+    """The members a core's own table counts in its view (``KNOWN_STATES``, not itself)."""
+    return {view.public_key for view in table.members()
+            if view.public_key != own_key and state_name(view.state) in KNOWN_STATES}
+
+
 def state_name(state: object) -> str:
     """``MemberState.ALIVE`` and ``"ALIVE"`` both read as ``"ALIVE"``."""
     name = getattr(state, "name", None)
@@ -50,26 +67,70 @@ def state_name(state: object) -> str:
 
 _DELIVERY = struct.Struct("<cdI")
 _EVENT = _DELIVERY
-_OBSERVATION = struct.Struct("<cdIHi")
-_FLUSH_PARTS = 1 << 14
+_OBSERVATION = struct.Struct("<cdHi")
+_CHAIN_FLUSH_PARTS = 96
+"""Parts a chain keeps before hashing them: BLAKE3 of the concatenation is the same as of the
+parts fed one by one, and one ``update`` per few dozen parts costs far less; bounded so that
+a thousand chains do not hold many datagrams alive."""
+
+GLOBAL_CHAIN = "G"
+"""The chain of run-wide events (partitions, loss changes)."""
+
+
+def delivery_chain(address: Address) -> str:
+    return f"D{address[0]}:{address[1]}"
+
+
+def host_chain(name: str) -> str:
+    return f"H{name}"
+
+
+def observer_chain(number: int) -> str:
+    return f"M{number}"
+
+
+class _Chain:
+    """One ordered sequence of trace records and its running hash."""
+
+    __slots__ = ("hasher", "pending", "records")
+
+    def __init__(self) -> None:
+        self.hasher = blake3.blake3()
+        self.pending: list[bytes] = []
+        self.records = 0
+
+    def flush(self) -> None:
+        self.hasher.update(b"".join(self.pending))
+        self.pending.clear()
+
+    def hexdigest(self) -> str:
+        self.flush()
+        return self.hasher.hexdigest()
 
 
 class Trace:
-    """An ordered digest of everything that happened: deliveries and events.
+    """A digest of everything that happened: deliveries and events, as ordered chains.
 
-    Records are (time as IEEE double, kind, fields, payload); two runs have the same hash
-    exactly when they delivered the same bytes between the same addresses at the same times
-    and saw the same events in the same order.
+    Each host has a chain of the datagrams delivered to it, one of what happened to it
+    (start, crash, leave) and one of the membership events its core reported; run-wide events
+    have their own. Records are (time as IEEE double, kind, fields, payload). Two runs have
+    the same hash exactly when every chain is the same: the same bytes delivered between the
+    same addresses at the same times and the same events in the same order at each host. The
+    order *between* hosts is left out on purpose: it carries no behaviour (a datagram takes
+    at least the shortest link latency), and a parallel run interleaves hosts differently.
     """
 
     def __init__(self) -> None:
-        self._hash = blake3.blake3()
-        self._pending: list[bytes] = []
-        """Records not hashed yet: BLAKE3 of the concatenation is the same as of the parts
-        fed one by one, and one ``update`` per few thousand records costs far less."""
+        self._chains: dict[str, _Chain] = {}
+        self._delivery_chains: dict[Address, _Chain] = {}
         self._addresses: dict[Address, bytes] = {}
         self._kinds: dict[str, int] = {}
-        self.records = 0
+
+    def chain(self, label: str) -> _Chain:
+        found = self._chains.get(label)
+        if found is None:
+            found = self._chains[label] = _Chain()
+        return found
 
     def _address(self, address: Address) -> bytes:
         encoded = self._addresses.get(address)
@@ -79,44 +140,63 @@ class Trace:
             self._addresses[address] = encoded
         return encoded
 
-    def _flush(self) -> None:
-        self._hash.update(b"".join(self._pending))
-        self._pending.clear()
+    def _delivery_chain(self, address: Address) -> _Chain:
+        chain = self._delivery_chains[address] = self.chain(delivery_chain(address))
+        return chain
 
     def delivery(self, now: float, src: Address, dst: Address, data: bytes) -> None:
-        addresses = self._addresses
-        pending = self._pending
+        chain = self._delivery_chains.get(dst) or self._delivery_chain(dst)
+        pending = chain.pending
         pending += (_DELIVERY.pack(b"D", now, len(data)),
-                    addresses.get(src) or self._address(src),
-                    addresses.get(dst) or self._address(dst), data)
-        self.records += 1
-        if len(pending) >= _FLUSH_PARTS:
-            self._flush()
+                    self._addresses.get(src) or self._address(src), data)
+        chain.records += 1
+        if len(pending) >= _CHAIN_FLUSH_PARTS:
+            chain.flush()
 
-    def event(self, now: float, text: str) -> None:
+    def event(self, now: float, text: str, label: str = GLOBAL_CHAIN) -> None:
+        """A scheduled event, on the chain ``label`` (a host's, or the run-wide one)."""
         encoded = text.encode()
-        self._pending += (_EVENT.pack(b"E", now, len(encoded)), encoded)
-        self.records += 1
+        chain = self.chain(label)
+        chain.pending += (_EVENT.pack(b"E", now, len(encoded)), encoded)
+        chain.records += 1
+        if len(chain.pending) >= _CHAIN_FLUSH_PARTS:
+            chain.flush()
 
     def observations(self, now: float, observer: int, items: list[tuple[str, int]]) -> None:
         """Membership events at ``now``: node number ``observer`` reports each ``(kind,
         subject)`` of ``items``, in order."""
-        pending = self._pending
         kinds = self._kinds
         pack = _OBSERVATION.pack
+        chain = self.chain(observer_chain(observer))
+        pending = chain.pending
         for kind, subject in items:
             code = kinds.get(kind)
             if code is None:
                 code = kinds[kind] = len(kinds)
                 self.event(now, f"kind {code} {kind}")
-            pending.append(pack(b"M", now, observer, code, subject))
-        self.records += len(items)
-        if len(pending) >= _FLUSH_PARTS:
-            self._flush()
+            pending.append(pack(b"M", now, code, subject))
+        chain.records += len(items)
+        if len(pending) >= _CHAIN_FLUSH_PARTS:
+            chain.flush()
+
+    @property
+    def records(self) -> int:
+        return sum(chain.records for chain in self._chains.values())
+
+    def chain_digests(self) -> dict[str, tuple[str, int]]:
+        """Every chain's (hash, record count), to be combined with other processes'."""
+        return {label: (chain.hexdigest(), chain.records) for label, chain in self._chains.items()}
 
     def hexdigest(self) -> str:
-        self._flush()
-        return self._hash.hexdigest()
+        return combined_digest(self.chain_digests())
+
+
+def combined_digest(chains: dict[str, tuple[str, int]]) -> str:
+    """The trace hash: BLAKE3 over every chain's label and hash, in label order."""
+    hasher = blake3.blake3()
+    for label in sorted(chains):
+        hasher.update(f"{label}={chains[label][0]};".encode())
+    return hasher.hexdigest()
 
 
 @dataclass(slots=True)
@@ -181,6 +261,7 @@ class Series:
     MESSAGE_COLUMNS = ("time", "live_nodes", "converged", "converged_fraction", "sent",
                        "delivered", "lost", "partitioned", "bytes_sent", "suspicions",
                        "deaths")
+    NETWORK_COLUMNS = ("sent", "delivered", "lost", "partitioned", "bytes_sent")
 
 
 class MembershipTracker:
@@ -283,9 +364,10 @@ class MembershipTracker:
 
     # -- observations ---------------------------------------------------------------------
 
-    def on_events(self, observer: str, events: Iterable[object], now: float) -> None:
-        """One core's batch of events: counted, traced, and applied to the observer's
-        tracked view (its hit count is kept in a local for the batch)."""
+    def on_events(self, observer: str, events: Iterable[Observed], now: float) -> None:
+        """One core's batch of events (as ``observed`` gives them): counted, traced, and
+        applied to the observer's tracked view (its hit count is kept in a local for the
+        batch)."""
         if observer not in self.live:
             return
         own_key = self.keys[observer]
@@ -299,10 +381,8 @@ class MembershipTracker:
         target = len(live) - 1
         hits = self.hits[observer]
         full_change = 0
-        for event in events:
-            kind = type(event).__name__
+        for kind, key, incarnation in events:
             counts[kind] = counts.get(kind, 0) + 1
-            key: bytes | None = getattr(event, "public_key", None)
             if key is None:
                 continue
             known_subject = subjects.get(key)
@@ -318,7 +398,6 @@ class MembershipTracker:
                 continue
             if kind in interval_events:
                 interval_events[kind] += 1
-            incarnation: int | None = getattr(event, "incarnation", None)
             if incarnation is None:
                 seen.pop(key, None)  # reaped or untrusted: the core forgot the member
             else:
@@ -369,13 +448,11 @@ class MembershipTracker:
             now, "incarnations never go backwards",
             f"{observer} saw {subject} go from incarnation {previous} to {incarnation}"))
 
-    def check_views(self, now: float, tables: dict[str, MembershipTable]) -> None:
-        """Each live core's own table must agree with the view built from its events."""
+    def check_views(self, now: float, views: dict[str, set[bytes]]) -> None:
+        """Each live core's own table (``known_members``) must agree with the view built
+        from its events."""
         for observer in self.live:
-            table = tables[observer]
-            own = self.keys[observer]
-            actual = {view.public_key for view in table.members()
-                      if view.public_key != own and state_name(view.state) in KNOWN_STATES}
+            actual = views[observer]
             tracked = self.known[observer]
             if actual != tracked:
                 missing = sorted(self.names.get(key, key.hex()[:12]) for key in actual - tracked)
@@ -387,7 +464,9 @@ class MembershipTracker:
 
     # -- sampling -------------------------------------------------------------------------
 
-    def sample(self, now: float, series: Series, network_delta: dict[str, int]) -> None:
+    def sample(self, now: float, series: Series) -> None:
+        """A row of the membership columns; the runner adds the network's (``NETWORK_COLUMNS``)
+        once every process's counters are in."""
         for observer in self.live:
             series.views.append((now, observer, len(self.known[observer])))
         live = len(self.live)
@@ -396,11 +475,6 @@ class MembershipTracker:
             "live_nodes": live,
             "converged": int(self.converged),
             "converged_fraction": self.full / live if live else 0.0,
-            "sent": network_delta["sent"],
-            "delivered": network_delta["delivered"],
-            "lost": network_delta["lost"],
-            "partitioned": network_delta["partitioned"],
-            "bytes_sent": network_delta["bytes_sent"],
             "suspicions": self._interval_events["MemberSuspected"],
             "deaths": self._interval_events["MemberDead"],
         })

@@ -3,8 +3,13 @@ edges are links, and a SimPy-timed datagram delivery over it.
 
 A datagram is addressed by (IP, port). The network finds the graph node that owns the
 destination IP, takes the shortest path (by mean latency), and draws loss, delay, jitter,
-reordering and duplication per link from one seeded stream. Delivery is a single SimPy
-timeout callback per datagram, never a process, so a thousand chatty nodes stay cheap.
+reordering and duplication per link from the sending graph node's own seeded stream (so a
+host's draws do not depend on what other hosts sent, nor on which process simulates them).
+Delivery is a single SimPy timeout callback per datagram, never a process, so a thousand
+chatty nodes stay cheap.
+
+In a parallel run (``sim.parallel``) each process simulates some of the hosts: a datagram
+for a host simulated elsewhere goes to ``outbox`` and is handed over at the next barrier.
 
 Graph nodes may carry a ``middlebox`` attribute (a ``Middlebox``): every packet whose path
 crosses it is handed to it, and it may rewrite the addresses or drop the packet. NAT devices
@@ -67,6 +72,14 @@ def call_later(env: simpy.Environment, delay: float,
     on the per-datagram path.
     """
     heappush(env._queue, (env._now + delay, NORMAL, next(env._eid),  # type: ignore[misc]
+                          Call(callbacks, value)))
+
+
+def call_at(env: simpy.Environment, moment: float,
+            callbacks: tuple[Callable[[Call], None], ...], value: object) -> None:
+    """``call_later`` at an absolute ``moment`` (not before now): a datagram handed over
+    from another process arrives at exactly the time its sender computed."""
+    heappush(env._queue, (moment, NORMAL, next(env._eid),  # type: ignore[misc]
                           Call(callbacks, value)))
 
 
@@ -188,6 +201,9 @@ DeliveryObserver = Callable[[float, Address, Address, bytes], None]
 Datagram = tuple[Address, Address, bytes]
 """A datagram scheduled for delivery: (source, destination, data), cheaper to build than a
 ``Packet`` on the path that needs no middlebox."""
+HandedOver = tuple[float, Address, Address, bytes]
+"""A datagram for a host simulated by another process: (arrival time, source, destination,
+data)."""
 
 
 class Network:
@@ -197,7 +213,9 @@ class Network:
                  on_delivery: DeliveryObserver | None = None) -> None:
         self.env = env
         self.graph = graph
-        self.rng = rng
+        self._stream_base = rng.getrandbits(64)
+        """Each sending graph node draws from ``random.Random(f"{base}:{node}")``."""
+        self._rngs: dict[str, random.Random] = {}
         self.on_delivery = on_delivery
         self.counters: dict[str, int] = dict.fromkeys(
             ("sent", "bytes_sent", "delivered", "bytes_delivered", "lost", "partitioned",
@@ -217,7 +235,42 @@ class Network:
         self._plain_core: dict[tuple[str, str], tuple[Link, ...] | None] = {}
         """Core routes as bare links, None when a hop is not plain or has a middlebox."""
         self._deliver_callbacks = (self._deliver,)
+        self._worker_of: dict[str, int] = {}
+        """Hosts another process simulates, by that process's number (parallel runs)."""
+        self.outbox: list[list[HandedOver]] = []
+        """Datagrams for each process's hosts since the last ``take_outbox``."""
         self.topology_changed()
+
+    def rng_of(self, node: str) -> random.Random:
+        """The random stream of everything ``node`` sends."""
+        rng = self._rngs.get(node)
+        if rng is None:
+            rng = self._rngs[node] = random.Random(f"{self._stream_base}:{node}")
+        return rng
+
+    # -- parallel runs -----------------------------------------------------------------------
+
+    def split(self, worker_of: dict[str, int], worker: int, workers: int) -> None:
+        """This process simulates the hosts ``worker_of`` maps to ``worker``; datagrams for
+        the others are kept in ``outbox[their worker]``."""
+        self._worker_of = {host: owner for host, owner in worker_of.items() if owner != worker}
+        self.outbox = [[] for _ in range(workers)]
+
+    def take_outbox(self) -> list[list[HandedOver]]:
+        """The datagrams for other processes since the last call, by process number."""
+        taken = self.outbox
+        self.outbox = [[] for _ in taken]
+        return taken
+
+    def hand_in(self, datagrams: Iterable[HandedOver]) -> None:
+        """Schedules datagrams another process sent to hosts simulated here."""
+        env = self.env
+        callbacks = self._deliver_callbacks
+        for moment, src, dst, data in datagrams:
+            if moment < env.now:
+                raise RuntimeError(f"a datagram handed over at {env.now} arrives at {moment}: "
+                                   "the lookahead is longer than the shortest path")
+            call_at(env, moment, callbacks, (src, dst, data))
 
     # -- topology --------------------------------------------------------------------------
 
@@ -298,7 +351,7 @@ class Network:
         if node is None or target is None:
             counters["no_route"] += 1
             return
-        rng = self.rng
+        rng = self._rngs.get(node) or self.rng_of(node)
         if not (self._cuts or self._extra_loss or self._group_loss):
             links = self._plain_links(node, target)
             if links is not None:
@@ -309,7 +362,11 @@ class Network:
                         counters["lost"] += 1
                         return
                     delay += link.sample_delay(rng)
-                call_later(self.env, delay, self._deliver_callbacks, (src, dst, data))
+                if target in self._worker_of:
+                    self.outbox[self._worker_of[target]].append(
+                        (self.env.now + delay, src, dst, data))
+                else:
+                    call_later(self.env, delay, self._deliver_callbacks, (src, dst, data))
                 return
         packet = Packet(src, dst, data)
         now = self.env.now
@@ -317,7 +374,7 @@ class Network:
         duplicate = False
         for _ in range(MAX_MIDDLEBOX_HOPS):
             if self._cuts or self._extra_loss or self._group_loss:
-                verdict = self._fault(node, target)
+                verdict = self._fault(node, target, rng)
                 if verdict is not None:
                     counters[verdict] += 1
                     return
@@ -360,11 +417,19 @@ class Network:
             counters["no_route"] += 1
             return
         datagram = (packet.src, packet.dst, packet.data)
-        call_later(self.env, delay, self._deliver_callbacks, datagram)
+        self._schedule(delay, target, datagram)
         if duplicate:
             counters["duplicated"] += 1
-            extra = delay + rng.random() * max(delay, 1e-3)
-            call_later(self.env, extra, self._deliver_callbacks, datagram)
+            self._schedule(delay + rng.random() * max(delay, 1e-3), target, datagram)
+
+    def _schedule(self, delay: float, target: str, datagram: Datagram) -> None:
+        """Delivers ``datagram`` to graph node ``target`` after ``delay``, here or in the
+        process that simulates it."""
+        owner = self._worker_of.get(target)
+        if owner is None:
+            call_later(self.env, delay, self._deliver_callbacks, datagram)
+        else:
+            self.outbox[owner].append((self.env.now + delay, *datagram))
 
     def _plain_links(self, src: str, dst: str) -> tuple[Link, ...] | None:
         """The links from host ``src`` to host ``dst`` when every one is plain and no
@@ -386,7 +451,7 @@ class Network:
             return None
         return (src_leaf[1], *core, dst_leaf[1])
 
-    def _fault(self, src: str, dst: str) -> str | None:
+    def _fault(self, src: str, dst: str, rng: random.Random) -> str | None:
         """Why a datagram from graph node ``src`` to ``dst`` is dropped now, if it is."""
         src_group = self._group.get(src, "")
         dst_group = self._group.get(dst, "")
@@ -397,7 +462,7 @@ class Network:
         if self._group_loss:
             extra = self._group_loss.get((src_group, dst_group), 0.0)
             loss = 1 - (1 - loss) * (1 - extra)
-        if loss and self.rng.random() < loss:
+        if loss and rng.random() < loss:
             return "lost"
         return None
 

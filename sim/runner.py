@@ -8,19 +8,27 @@ of a replaced or crashed core fire as no-ops.
 
 Every random draw comes from a stream named after its purpose and derived from the one
 master seed, so a run is a pure function of (scenario, seed).
+
+A ``Simulation`` may simulate only some of the hosts (``worker`` of ``workers``, see
+``sim.parallel``): every process replays the whole schedule (who starts, crashes, leaves
+when), drives the cores of its own hosts, and sends what its hosts observed to worker 0,
+which alone keeps the ground truth (``MembershipTracker``). With one worker that record is
+applied as it happens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import ipaddress
 import json
 import math
 import random
+import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,9 +50,20 @@ from sim.cores import (
     node_core,
     swim_config,
 )
-from sim.metrics import MembershipTracker, Series, Trace, Violation, summarise
+from sim.metrics import (
+    MembershipTracker,
+    Series,
+    Trace,
+    Violation,
+    combined_digest,
+    host_chain,
+    known_members,
+    observed,
+    summarise,
+)
 from sim.nat import NatPlan, place_nats
 from sim.network import Call, Network, build_underlay, call_later
+from sim.parallel import Team, parallel_problem
 from sim.reachability import punchability_summary
 from sim.scenario import (
     Crash,
@@ -54,6 +73,7 @@ from sim.scenario import (
     Partition,
     Restart,
     Scenario,
+    ScenarioError,
     Selector,
     SetLoss,
     initial_node_names,
@@ -102,6 +122,27 @@ class Host:
     last_up: float = -math.inf
 
 
+Tracked = tuple[float, str, Any, Any]
+"""What the tracker learns, in time order: (time, kind, subject, detail) with kind
+``events`` (observer, ``Observed`` list), ``up`` (name), ``down`` (name, crashed),
+``sample`` or ``settled``."""
+
+
+@dataclass(slots=True)
+class WorkerReport:
+    """What one process knows at the end of a run that the summary needs."""
+
+    chains: dict[str, tuple[str, int]]
+    counters: dict[str, int]
+    counter_samples: list[dict[str, int]]
+    core_counters: dict[str, int]
+    node_events: dict[str, int]
+    views: dict[str, set[bytes]]
+    """The member keys each of its live hosts' cores holds in its view (``known_members``)."""
+    cpu_seconds: float = 0.0
+    max_rss_kib: int = 0
+
+
 @dataclass(slots=True)
 class Result:
     """A finished run: the summary (as written to summary.json), series and violations."""
@@ -128,8 +169,15 @@ class Result:
 class Simulation:
     """One run of one scenario with one seed."""
 
-    def __init__(self, scenario: Scenario, *, core_factory: CoreFactory | None = None) -> None:
+    def __init__(self, scenario: Scenario, *, core_factory: CoreFactory | None = None,
+                 worker: int = 0, workers: int = 1) -> None:
+        if workers > 1:
+            problem = parallel_problem(scenario)
+            if problem is not None:
+                raise ScenarioError("workers", problem)
         self.scenario = scenario
+        self.worker = worker
+        self.workers = workers
         self.seed = scenario.seed
         self.core_factory = core_factory or CORE_FACTORIES[scenario.core]
         self.env = simpy.Environment()
@@ -148,6 +196,15 @@ class Simulation:
                 stream(self.seed, "nat"))
         self.network = Network(self.env, self.graph, stream(self.seed, "network"),
                                on_delivery=self.trace.delivery)
+        names = list(self.hosts)
+        self.owned = frozenset(names[worker::workers])
+        """The hosts whose cores this process drives."""
+        if workers > 1:
+            self.network.split({name: index % workers for index, name in enumerate(names)},
+                               worker, workers)
+        self.log: list[Tracked] | None = [] if workers > 1 else None
+        """What the tracker has yet to learn (parallel runs); None: it learns at once."""
+        self.counter_samples: list[dict[str, int]] = []
         for host in self.hosts.values():
             self.network.assign_ip(host.address[0], host.name)
         for name, device in self.nats.devices.items():
@@ -160,7 +217,6 @@ class Simulation:
         self.seed_addresses = [self.hosts[name].address for name in self.seed_names]
         self.seed_keys = [self.hosts[name].identity.public_key for name in self.seed_names]
         self.event_rng = stream(self.seed, "events")
-        self._last_counters = dict(self.network.counters)
         self.tracker.awaiting_initial = set(initial)
         self._schedule_initial_joins(initial)
         for event in scenario.events:
@@ -175,7 +231,7 @@ class Simulation:
             self._at(scenario.traffic.start, self._send_traffic)
         settle = scenario.settle
         if settle is not None and scenario.last_event_at + settle <= scenario.duration:
-            self._at(scenario.last_event_at + settle, self._check_settled)
+            self._at(scenario.last_event_at + settle, self._settled_due)
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -212,6 +268,10 @@ class Simulation:
         host.life += 1
         host.state = "live"
         host.last_up = now
+        if self.worker == 0:
+            self._track((now, "up", host.name, None))
+        if host.name not in self.owned:
+            return
         label = f"{host.name}:{host.life}"
         context = HostContext(
             name=host.name, identity=host.identity, address=host.address,
@@ -223,8 +283,7 @@ class Simulation:
         host.wake_at = None
         host.wake_generation += 1
         self.network.bind(host.address, partial(self._receive, host))
-        self.trace.event(now, f"start {label}")
-        self.tracker.node_up(host.name, now)
+        self.trace.event(now, f"start {label}", host_chain(host.name))
         others = [index for index, address in enumerate(self.seed_addresses)
                   if address != host.address]
         if others:
@@ -256,7 +315,7 @@ class Simulation:
                 self.traffic.received(host.name, packets, self.env.now)
         events = core.events()
         if events:
-            self.tracker.on_events(host.name, events, self.env.now)
+            self._track((self.env.now, "events", host.name, observed(events)))
         deadline = core.next_deadline()
         if deadline is None or (host.wake_at is not None and host.wake_at <= deadline):
             return
@@ -299,6 +358,34 @@ class Simulation:
         host.wake_generation += 1
         self.network.unbind(host.address)
 
+    # -- the tracker's record -----------------------------------------------------------------
+
+    def _track(self, entry: Tracked) -> None:
+        if self.log is None:
+            self.apply_tracked(entry)
+        else:
+            self.log.append(entry)
+
+    def take_log(self) -> list[Tracked]:
+        """What this process recorded for the tracker since the last call."""
+        taken = self.log or []
+        self.log = []
+        return taken
+
+    def apply_tracked(self, entry: Tracked) -> None:
+        """Feeds one record to the tracker (worker 0, in time order)."""
+        moment, kind, subject, detail = entry
+        if kind == "events":
+            self.tracker.on_events(subject, detail, moment)
+        elif kind == "up":
+            self.tracker.node_up(subject, moment)
+        elif kind == "down":
+            self.tracker.node_down(subject, moment, crashed=detail)
+        elif kind == "sample":
+            self.tracker.sample(moment, self.series)
+        else:
+            self._check_settled(moment)
+
     # -- scheduled events -------------------------------------------------------------------
 
     def _apply(self, action: object) -> None:
@@ -306,10 +393,12 @@ class Simulation:
         if isinstance(action, Crash):
             for name in self._select(action.select, "live"):
                 host = self.hosts[name]
-                self.trace.event(now, f"crash {name}")
+                if name in self.owned:
+                    self.trace.event(now, f"crash {name}", host_chain(name))
                 self._stop(host)
                 host.state = "crashed"
-                self.tracker.node_down(name, now, crashed=True)
+                if self.worker == 0:
+                    self._track((now, "down", name, True))
                 if action.restart_after is not None:
                     self._at(now + action.restart_after, partial(self._restart, host))
         elif isinstance(action, Restart):
@@ -322,31 +411,39 @@ class Simulation:
             for name in action.names:
                 self._start(self.hosts[name])
         elif isinstance(action, Partition):
-            self.trace.event(now, f"partition {action.name}")
+            self._global_event(f"partition {action.name}")
             self.network.partition(action.name, action.a, action.b, one_way=action.one_way)
         elif isinstance(action, Heal):
-            self.trace.event(now, f"heal {action.name}")
+            self._global_event(f"heal {action.name}")
             self.network.heal(action.name)
         elif isinstance(action, SetLoss):
-            self.trace.event(now, f"loss {action.loss} {action.between}")
+            self._global_event(f"loss {action.loss} {action.between}")
             self.network.set_loss(action.loss, action.between)
+
+    def _global_event(self, text: str) -> None:
+        """A run-wide event, traced once (every process applies it)."""
+        if self.worker == 0:
+            self.trace.event(self.env.now, text)
 
     def _restart(self, host: Host) -> None:
         if host.state in ("crashed", "stopped"):
-            self.trace.event(self.env.now, f"restart {host.name}")
+            if host.name in self.owned:
+                self.trace.event(self.env.now, f"restart {host.name}", host_chain(host.name))
             self._start(host)
 
     def _leave(self, host: Host) -> None:
         now = self.env.now
-        core = host.core
-        if core is None:
+        if host.state != "live":
             return
-        self.trace.event(now, f"leave {host.name}")
         host.state = "leaving"
-        self.tracker.node_down(host.name, now, crashed=False)
+        if self.worker == 0:
+            self._track((now, "down", host.name, False))
         host.last_down = now
-        core.leave(now)
-        self._after(host)
+        core = host.core
+        if core is not None:
+            self.trace.event(now, f"leave {host.name}", host_chain(host.name))
+            core.leave(now)
+            self._after(host)
         self._at(now + self.scenario.leave_linger, partial(self._finish_leave, host, host.life))
 
     def _finish_leave(self, host: Host, life: int) -> None:
@@ -466,17 +563,20 @@ class Simulation:
 
     def _sample(self) -> None:
         now = self.env.now
-        counters = self.network.counters
-        delta = {key: counters[key] - self._last_counters[key] for key in counters}
-        self._last_counters = dict(counters)
-        self.tracker.sample(now, self.series, delta)
+        self.counter_samples.append(dict(self.network.counters))
+        if self.worker == 0:
+            self._track((now, "sample", None, None))
         if self.scenario.core == "node":
             self._check_connectivity()
         self._next_sample = now + self.scenario.sample_interval
         if self._next_sample < self.scenario.duration - DEADLINE_EPSILON:
             self._at(self._next_sample, self._sample)
 
-    def _check_settled(self) -> None:
+    def _settled_due(self) -> None:
+        if self.worker == 0:
+            self._track((self.env.now, "settled", None, None))
+
+    def _check_settled(self, now: float) -> None:
         last = self.scenario.last_event_at
         reached = self.tracker.converged or any(
             converged and moment >= last for moment, converged in self.tracker.transitions)
@@ -484,7 +584,7 @@ class Simulation:
             waiting = [name for name in self.tracker.live
                        if self.tracker.hits[name] != len(self.tracker.live) - 1]
             self.tracker.violations.append(Violation(
-                self.env.now, "every live node knows every live member after the last event "
+                now, "every live node knows every live member after the last event "
                 f"+ settle ({last:g}s + {self.scenario.settle:g}s)",
                 f"{len(waiting)} of {len(self.tracker.live)} live nodes still miss members, "
                 f"e.g. {waiting[:5]}"))
@@ -501,33 +601,75 @@ class Simulation:
             self.env.run(until=reached)
             yield reached
 
-    def finish(self, wall_seconds: float, cpu_seconds: float) -> Result:
-        duration = self.scenario.duration
-        tracker = self.tracker
-        if abs(self._next_sample - duration) <= DEADLINE_EPSILON:
-            self._sample()  # SimPy stops just before events at exactly ``duration``
-        tracker.finish(duration)
-        tables = {name: self.hosts[name].core for name in tracker.live}
-        tracker.check_views(duration, {name: core for name, core in tables.items()
-                                       if core is not None})
-        node_seconds = max(tracker.node_seconds, 1e-9)
-        counters = dict(self.network.counters)
-        crashes = [record.as_dict() for record in tracker.crashes]
-        period = float(swim_config(self.scenario.protocol).protocol_period)
+    def close(self) -> None:
+        """Takes the sample due at exactly the end (SimPy stops just before events at
+        ``duration``)."""
+        if abs(self._next_sample - self.scenario.duration) <= DEADLINE_EPSILON:
+            self._sample()
+
+    def report(self) -> WorkerReport:
+        """This process's share of the end-of-run numbers (after ``close``)."""
+        live = [host for name, host in self.hosts.items()
+                if name in self.owned and host.state == "live" and host.core is not None]
         core_counters: dict[str, int] = {}
-        for core in tables.values():
+        node_events: dict[str, int] = {}
+        views: dict[str, set[bytes]] = {}
+        for host in live:
+            core = host.core
+            assert core is not None
+            views[host.name] = known_members(core, host.identity.public_key)
             for key, value in sorted(getattr(core, "counters", {}).items()):
                 core_counters[key] = core_counters.get(key, 0) + int(value)
+            for kind, count in getattr(core, "event_counts", {}).items():
+                node_events[kind] = node_events.get(kind, 0) + count
+        return WorkerReport(self.trace.chain_digests(), dict(self.network.counters),
+                            self.counter_samples, core_counters, node_events, views)
+
+    def finish(self, wall_seconds: float, cpu_seconds: float,
+               others: Sequence[WorkerReport] = ()) -> Result:
+        """The result, from this process's report and (parallel runs) the other workers'.
+        ``cpu_seconds`` is this process's; the others' are added."""
+        duration = self.scenario.duration
+        tracker = self.tracker
+        self.close()
+        for entry in self.take_log():
+            self.apply_tracked(entry)
+        reports = [self.report(), *others]
+        tracker.finish(duration)
+        views: dict[str, set[bytes]] = {}
+        core_counters: dict[str, int] = {}
+        node_events: dict[str, int] = {}
+        chains: dict[str, tuple[str, int]] = {}
+        counters = dict.fromkeys(self.network.counters, 0)
+        for report in reports:
+            views.update(report.views)
+            chains.update(report.chains)
+            for totals, part in ((core_counters, report.core_counters),
+                                 (node_events, report.node_events),
+                                 (counters, report.counters)):
+                for key, value in part.items():
+                    totals[key] = totals.get(key, 0) + value
+        add_network_columns(self.series, [report.counter_samples for report in reports])
+        worker_cpu = [cpu_seconds, *(report.cpu_seconds for report in others)]
+        worker_rss = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      *(report.max_rss_kib for report in others)]
+        tracker.check_views(duration, views)
+        node_seconds = max(tracker.node_seconds, 1e-9)
+        crashes = [record.as_dict() for record in tracker.crashes]
+        period = float(swim_config(self.scenario.protocol).protocol_period)
         summary: dict[str, Any] = {
             "scenario": self.scenario.name,
             "seed": self.seed,
-            "trace_hash": self.trace.hexdigest(),
+            "trace_hash": combined_digest(chains),
+            "workers": self.workers,
             "nodes": len(self.hosts),
             "live_nodes_at_end": len(tracker.live),
             "sim_seconds": duration,
             "wall_seconds": round(wall_seconds, 3),
             "speed_factor": round(duration / wall_seconds, 2) if wall_seconds > 0 else None,
-            "cpu_seconds": round(cpu_seconds, 3),
+            "cpu_seconds": round(sum(worker_cpu), 3),
+            "cpu_seconds_per_worker": [round(seconds, 3) for seconds in worker_cpu],
+            "peak_rss_mib_per_worker": [round(kib / 1024, 1) for kib in worker_rss],
             "converged_at": tracker.converged_at,
             "final_convergence_at": tracker.final_convergence(),
             "converged_at_end": tracker.converged,
@@ -547,15 +689,11 @@ class Simulation:
             "network": counters,
             "membership_events": dict(sorted(tracker.event_counts.items())),
             "core_counters": core_counters,
-            "trace_records": self.trace.records,
+            "trace_records": sum(records for _, records in chains.values()),
             "violations": [str(violation) for violation in tracker.violations],
         }
         summary.update(self._path_summary())
         summary.update(self._traffic_summary())
-        node_events: dict[str, int] = {}
-        for core in tables.values():
-            for kind, count in getattr(core, "event_counts", {}).items():
-                node_events[kind] = node_events.get(kind, 0) + count
         if node_events:
             summary["node_events"] = dict(sorted(node_events.items()))
         return Result(self.scenario, summary, self.series, list(tracker.violations),
@@ -564,32 +702,58 @@ class Simulation:
 
 def run(scenario: Scenario, *, seed: int | None = None, out_dir: str | Path | None = None,
         progress: bool = False, plot: bool = False,
-        core_factory: CoreFactory | None = None) -> Result:
+        core_factory: CoreFactory | None = None, workers: int = 1) -> Result:
     """Runs ``scenario`` (with ``seed`` overriding its own) and returns the ``Result``.
 
     With ``out_dir`` the summary, the CSV series and (with ``plot``) the PNG charts are
-    written there. ``progress`` shows a tqdm bar of simulated seconds on stderr.
+    written there. ``progress`` shows a tqdm bar of simulated seconds on stderr. ``workers``
+    above 1 splits the hosts across that many processes (``sim.parallel``; the same trace
+    hash as one), for scenarios ``parallel_problem`` accepts, else ``ScenarioError``.
     """
     if seed is not None:
         scenario = scenario.with_seed(seed)
+    if workers < 1:
+        raise ScenarioError("workers", f"must be at least 1, got {workers}")
+    if workers > 1:
+        problem = parallel_problem(scenario)
+        if problem is not None:
+            raise ScenarioError("workers", problem)
     started = time.perf_counter()
     cpu_started = time.process_time()
     thresholds = gc.get_threshold()
     gc.set_threshold(*RUN_GC_THRESHOLDS)
     try:
-        simulation = Simulation(scenario, core_factory=core_factory)
-        with tqdm(total=scenario.duration, unit="sim s", disable=not progress, file=sys.stderr,
-                  desc=scenario.name, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} sim s "
-                  "[{elapsed}<{remaining}]") as bar:
-            for reached in simulation.steps():
-                bar.update(reached - bar.n)
+        with contextlib.ExitStack() as stack:
+            if workers > 1:
+                team = stack.enter_context(Team(scenario, workers, core_factory))
+                simulation, steps, reports = team.simulation, team.steps(), team.reports
+            else:
+                simulation = Simulation(scenario, core_factory=core_factory)
+                steps, reports = simulation.steps(), list
+            with tqdm(total=scenario.duration, unit="sim s", disable=not progress,
+                      file=sys.stderr, desc=scenario.name, bar_format="{l_bar}{bar}| "
+                      "{n:.0f}/{total:.0f} sim s [{elapsed}<{remaining}]") as bar:
+                for reached in steps:
+                    bar.update(reached - bar.n)
+            others = reports()
     finally:
         gc.set_threshold(*thresholds)
     result = simulation.finish(time.perf_counter() - started,
-                               time.process_time() - cpu_started)
+                               time.process_time() - cpu_started, others)
     if out_dir is not None:
         write_outputs(result, Path(out_dir), plot=plot)
     return result
+
+
+def add_network_columns(series: Series, samples: Sequence[Sequence[dict[str, int]]]) -> None:
+    """Fills the network columns of the message rows: each sample's counters summed over
+    the processes (each took one per sample), less the sample before."""
+    previous: dict[str, int] = {}
+    for row, parts in zip(series.messages, zip(*samples, strict=True), strict=True):
+        for key in Series.NETWORK_COLUMNS:
+            total = sum(part[key] for part in parts)
+            row[key] = total - previous.get(key, 0)
+            previous[key] = total
 
 
 def write_outputs(result: Result, out_dir: Path, *, plot: bool) -> None:
