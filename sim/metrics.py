@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import blake3
 
@@ -257,11 +257,12 @@ class Series:
     views: list[tuple[float, str, int]] = field(default_factory=list)
     messages: list[dict[str, float]] = field(default_factory=list)
 
-    VIEW_COLUMNS = ("time", "node", "known_members")
-    MESSAGE_COLUMNS = ("time", "live_nodes", "converged", "converged_fraction", "sent",
-                       "delivered", "lost", "partitioned", "bytes_sent", "suspicions",
-                       "deaths")
-    NETWORK_COLUMNS = ("sent", "delivered", "lost", "partitioned", "bytes_sent")
+    VIEW_COLUMNS: ClassVar[tuple[str, ...]] = ("time", "node", "known_members")
+    MESSAGE_COLUMNS: ClassVar[tuple[str, ...]] = (
+        "time", "live_nodes", "converged", "converged_fraction", "sent", "delivered", "lost",
+        "partitioned", "bytes_sent", "suspicions", "deaths")
+    NETWORK_COLUMNS: ClassVar[tuple[str, ...]] = (
+        "sent", "delivered", "lost", "partitioned", "bytes_sent")
 
 
 class MembershipTracker:
