@@ -196,12 +196,14 @@ class Simulation:
                 stream(self.seed, "nat"))
         self.network = Network(self.env, self.graph, stream(self.seed, "network"),
                                on_delivery=self.trace.delivery)
-        names = list(self.hosts)
-        self.owned = frozenset(names[worker::workers])
+        worker_of = {name: (workers - 1 - index) % workers
+                     for index, name in enumerate(self.hosts)}
+        """Round robin from the last worker: worker 0 also keeps the tracker, so it gets the
+        fewest seeds (which answer every join)."""
+        self.owned = frozenset(name for name, owner in worker_of.items() if owner == worker)
         """The hosts whose cores this process drives."""
         if workers > 1:
-            self.network.split({name: index % workers for index, name in enumerate(names)},
-                               worker, workers)
+            self.network.split(worker_of, worker, workers)
         self.log: list[Tracked] | None = [] if workers > 1 else None
         """What the tracker has yet to learn (parallel runs); None: it learns at once."""
         self.counter_samples: list[dict[str, int]] = []
