@@ -15,8 +15,9 @@ a fixed pure-Python and crypto workload (``calibration_workload``), and the spee
 scaled by how much slower that workload ran than on the idle machine (the faster of the two
 samples, so a burst of other load during one sample does not inflate it), so a number taken
 on a busy machine can still be compared. ``--profile`` adds the top of a cProfile by internal
-time (of worker 0 only). A benchmark, not a test: it reports misses but always exits 0 once
-it has run.
+time (of worker 0 only). The code runs mypyc-compiled (``sim.compiled``; built once per
+source change, the same trace hash) unless ``--interpreted``. A benchmark, not a test: it
+reports misses but always exits 0 once it has run (3 if the compiled build failed).
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# In a re-executed compiled run the compiled tree comes first (sim.compiled.TREE_ENV).
+sys.path.insert(0, os.environ.get("MESHGUARD_COMPILED_TREE", str(ROOT)))
 
 import sim  # noqa: E402
+from sim import compiled  # noqa: E402
 
 SPEED_TARGET = 5.0
 RSS_TARGET_GIB = 2.0
@@ -109,7 +112,24 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true",
                         help="print the top of a cProfile of worker 0")
     parser.add_argument("--out", type=Path, help="also write the run's results here")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--compiled", dest="compiled", action="store_true", default=True,
+                      help="run mypyc-compiled code, built once per source change into "
+                           ".build/mypyc/ (the default; same trace hash as interpreted)")
+    mode.add_argument("--interpreted", dest="compiled", action="store_false",
+                      help="run the sources as they are")
     args = parser.parse_args()
+    if args.compiled and not compiled.in_tree():
+        try:
+            tree = compiled.ensure_tree()
+        except compiled.BuildError as error:
+            print(error, file=sys.stderr)
+            return 3
+        compiled.exec_in_tree(tree, [str(Path(__file__).resolve()), *sys.argv[1:]])
+    if args.compiled and not compiled.running_compiled():
+        print(f"--compiled: the tree {os.environ[compiled.TREE_ENV]} does not provide the "
+              "compiled modules", file=sys.stderr)
+        return 3
 
     scenario = sim.load_scenario(scenario_data(args.scenario, args.nodes, args.duration))
     calibration_before = calibration_seconds()
@@ -133,6 +153,8 @@ def main() -> int:
     print(f"scenario            {summary['scenario']}: {summary['nodes']} nodes, "
           f"{summary['sim_seconds']:g} simulated s, seed {summary['seed']}, "
           f"{summary['workers']} worker(s)")
+    print(f"code                "
+          f"{'compiled (mypyc)' if compiled.running_compiled() else 'interpreted'}")
     print(f"wall seconds        {summary['wall_seconds']:.1f}")
     print(f"speed factor        {speed:.2f}x real time (target >= {SPEED_TARGET:g}x: "
           f"{verdict(speed >= SPEED_TARGET)})")
