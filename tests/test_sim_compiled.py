@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,35 @@ def test_a_mypyc_error_names_the_first_error_and_keeps_the_log(tmp_path: Path) -
     assert "\n" not in message
     assert "typo.py:2: error" in log.read_text()
     assert (tmp_path / "typo.py").is_file()
+
+
+def test_a_builder_that_loses_the_race_uses_the_winners_tree(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _copy_sources(tmp_path)
+    key = compiled.source_key(tmp_path)
+    winner = tmp_path / ".build" / "mypyc" / key
+
+    def another_builder_finishes_first(staging: Path, modules: object, log: Path) -> None:
+        shutil.copytree(staging, winner)
+        (winner / "built-by-the-winner").write_text("")
+
+    monkeypatch.setattr(compiled, "_compile", another_builder_finishes_first)
+    assert compiled.ensure_tree(tmp_path) == winner
+    assert (winner / "built-by-the-winner").is_file()
+    assert [entry.name for entry in winner.parent.iterdir()] == [key]
+
+
+def test_other_keys_trees_are_pruned_once_unused_for_an_hour(tmp_path: Path) -> None:
+    _copy_sources(tmp_path)
+    base = tmp_path / ".build" / "mypyc"
+    current, recent, old, crashed = (base / name for name in (
+        compiled.source_key(tmp_path), "recent", "old", ".staging-old-crashed"))
+    for directory in (current, recent, old, crashed):
+        directory.mkdir(parents=True)
+    long_ago = time.time() - compiled.UNUSED_TREE_SECONDS - 60
+    for directory in (current, old, crashed):
+        os.utime(directory, (long_ago, long_ago))
+
+    assert compiled.ensure_tree(tmp_path) == current
+    assert sorted(entry.name for entry in base.iterdir()) == sorted([current.name, "recent"])
+    assert current.stat().st_mtime > long_ago + 60
