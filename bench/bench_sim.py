@@ -110,7 +110,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="worker processes (default: one per usable CPU)")
     parser.add_argument("--profile", action="store_true",
-                        help="print the top of a cProfile of worker 0")
+                        help="print the top of a cProfile of worker 0 (compiled functions "
+                             "do not show in it: add --interpreted)")
     parser.add_argument("--out", type=Path, help="also write the run's results here")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--compiled", dest="compiled", action="store_true", default=True,
