@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
-    iproute2 nftables conntrack iperf3 iputils-ping wireguard-go wireguard-tools coturn dnsmasq-base >/dev/null
+    iproute2 nftables conntrack iperf3 iputils-ping wireguard-go wireguard-tools coturn dnsmasq-base \
+    gcc >/dev/null
 python3 -m pip install -q --upgrade pip
 python3 -m pip install -q -e '.[test]'
 
