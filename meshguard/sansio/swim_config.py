@@ -13,9 +13,6 @@ from meshguard.sansio.errors import LocalProtocolError
 
 PUSH_PULL_SCALE_THRESHOLD = 32
 """Clusters larger than this stretch the push-pull interval (see ``push_pull_period``)."""
-SMOOTH_RETRANSMIT_FROM = 100
-"""From this many members the retransmit limit grows smoothly with log10 N (see
-``retransmit_limit``); below it small meshes behind NATs need memberlist's larger counts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +105,9 @@ class SwimConfig:
         )
 
     def retransmit_limit(self, members: int) -> int:
-        """Times each update is piggybacked: λ × ceil(log10(N + 1)) below 100 members (as
-        memberlist), ceil(λ × log10(N + 1)) from 100 on, without memberlist's jump by λ at
-        each power of ten (16 at 1000 members against 12 at 999)."""
-        if members < SMOOTH_RETRANSMIT_FROM:
-            return self.retransmit_multiplier * max(1, math.ceil(math.log10(members + 1)))
-        return math.ceil(self.retransmit_multiplier * math.log10(members + 1))
+        """Times each update is piggybacked: λ × ceil(log10(N + 1)), memberlist's step function
+        (the smooth ceil(λ × log10(N + 1)) was measured to cost reliability: docs/swim.md)."""
+        return self.retransmit_multiplier * max(1, math.ceil(math.log10(members + 1)))
 
     def suspicion_timeouts(self, members: int) -> tuple[float, float]:
         """(shortest, longest) suspicion for a cluster of ``members`` (self included)."""
