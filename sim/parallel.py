@@ -21,6 +21,7 @@ Worker 0 is the calling process; the others are forked children talking over pip
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
 import resource
@@ -111,7 +112,8 @@ def _child(scenario: Scenario, core_factory: CoreFactory | None, worker: int, wo
         report.max_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         _send(conn, ("report", report))
     except BaseException:  # everything reaches worker 0, which raises it
-        _send(conn, ("error", traceback.format_exc()))
+        with contextlib.suppress(OSError):  # unless worker 0 is gone already
+            _send(conn, ("error", traceback.format_exc()))
     finally:
         conn.close()
 
