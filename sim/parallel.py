@@ -34,12 +34,15 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from operator import itemgetter
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import simpy
 
 from sim.cores import CoreFactory
 from sim.scenario import Scenario
+
+if TYPE_CHECKING:
+    from sim.runner import Tracked
 
 PROGRESS_STEP = 1.0
 """Simulated seconds between two progress reports (and at most 1/100 of the run)."""
@@ -166,10 +169,16 @@ class Team:
         boundary = min(duration, step)
         end: float | None = min(window, boundary)
         by_time = itemgetter(0)
+        # The last window's records, applied while the children run the next one: nothing
+        # in a run reads the tracker, so it may lag a window (and the parent's idle time
+        # at the barrier is often the children's).
+        untracked: list[Tracked] = []
         for conn in self._conns:
             _send(conn, ("window", [], end))
         while end is not None:
             env.run(until=end)
+            for entry in untracked:
+                simulation.apply_tracked(entry)
             outboxes = [network.take_outbox()]
             logs = [simulation.take_log()]
             earliest = next_event_time(env)
@@ -191,10 +200,11 @@ class Team:
             for worker, conn in enumerate(self._conns, 1):
                 _send(conn, ("window", [item for box in outboxes for item in box[worker]], end))
             network.hand_in(item for box in outboxes for item in box[0])
-            for entry in sorted((entry for log in logs for entry in log), key=by_time):
-                simulation.apply_tracked(entry)
+            untracked = sorted((entry for log in logs for entry in log), key=by_time)
             if progress:
                 yield reached
+        for entry in untracked:
+            simulation.apply_tracked(entry)
 
     def reports(self) -> list[Any]:
         """The children's end-of-run reports (after ``steps`` is exhausted)."""
