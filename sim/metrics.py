@@ -179,10 +179,6 @@ class Trace:
         if len(pending) >= _CHAIN_FLUSH_PARTS:
             chain.flush()
 
-    @property
-    def records(self) -> int:
-        return sum(chain.records for chain in self._chains.values())
-
     def chain_digests(self) -> dict[str, tuple[str, int]]:
         """Every chain's (hash, record count), to be combined with other processes'."""
         return {label: (chain.hexdigest(), chain.records) for label, chain in self._chains.items()}

@@ -362,11 +362,7 @@ class Network:
                         counters["lost"] += 1
                         return
                     delay += link.sample_delay(rng)
-                if target in self._worker_of:
-                    self.outbox[self._worker_of[target]].append(
-                        (self.env.now + delay, src, dst, data))
-                else:
-                    call_later(self.env, delay, self._deliver_callbacks, (src, dst, data))
+                self._schedule(delay, target, (src, dst, data))
                 return
         packet = Packet(src, dst, data)
         now = self.env.now

@@ -171,10 +171,6 @@ class Simulation:
 
     def __init__(self, scenario: Scenario, *, core_factory: CoreFactory | None = None,
                  worker: int = 0, workers: int = 1) -> None:
-        if workers > 1:
-            problem = parallel_problem(scenario)
-            if problem is not None:
-                raise ScenarioError("workers", problem)
         self.scenario = scenario
         self.worker = worker
         self.workers = workers
