@@ -120,17 +120,11 @@ def main() -> int:
     mode.add_argument("--interpreted", dest="compiled", action="store_false",
                       help="run the sources as they are")
     args = parser.parse_args()
-    if args.compiled and not compiled.in_tree():
-        try:
-            tree = compiled.ensure_tree()
-        except compiled.BuildError as error:
-            print(error, file=sys.stderr)
+    if args.compiled:
+        problem = compiled.enter_tree([str(Path(__file__).resolve()), *sys.argv[1:]])
+        if problem is not None:
+            print(problem, file=sys.stderr)
             return 3
-        compiled.exec_in_tree(tree, [str(Path(__file__).resolve()), *sys.argv[1:]])
-    if args.compiled and not compiled.running_compiled():
-        print(f"--compiled: the tree {os.environ[compiled.TREE_ENV]} does not provide the "
-              "compiled modules", file=sys.stderr)
-        return 3
 
     scenario = sim.load_scenario(scenario_data(args.scenario, args.nodes, args.duration))
     calibration_before = calibration_seconds()
@@ -154,8 +148,7 @@ def main() -> int:
     print(f"scenario            {summary['scenario']}: {summary['nodes']} nodes, "
           f"{summary['sim_seconds']:g} simulated s, seed {summary['seed']}, "
           f"{summary['workers']} worker(s)")
-    print(f"code                "
-          f"{'compiled (mypyc)' if compiled.running_compiled() else 'interpreted'}")
+    print(f"code                {compiled.mode()}")
     print(f"wall seconds        {summary['wall_seconds']:.1f}")
     print(f"speed factor        {speed:.2f}x real time (target >= {SPEED_TARGET:g}x: "
           f"{verdict(speed >= SPEED_TARGET)})")

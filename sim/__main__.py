@@ -12,8 +12,8 @@ re-executes this command in it (``sim.compiled``): the same trace, in less CPU t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from sim import compiled
@@ -22,39 +22,19 @@ from sim.runner import run
 from sim.scenario import ScenarioError, load_scenario
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
-def _workers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
-
-
-def _enter_compiled_tree(argv: list[str]) -> str | None:
-    """Re-execute this command in the compiled tree (this process ends there), or say why
-    not; inside the tree, check that the code really is compiled."""
-    if not compiled.in_tree():
+def _integer_at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than ``least``."""
+    def parse(text: str) -> int:
         try:
-            tree = compiled.ensure_tree()
-        except compiled.BuildError as error:
-            return str(error)
-        compiled.exec_in_tree(tree, ["-m", "sim", *argv])
-    if not compiled.running_compiled():
-        return (f"--compiled: the tree {os.environ[compiled.TREE_ENV]} does not provide the "
-                "compiled modules")
-    return None
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            shown = repr(text) if value is None else value
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {shown}")
+        return value
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("scenario", type=Path, help="scenario YAML file")
     parser.add_argument("--out", type=Path, help="results directory "
                         "(default: results/<scenario name>/)")
-    parser.add_argument("--seed", type=_seed, help="master seed (overrides the scenario's)")
-    parser.add_argument("--workers", type=_workers, default=1,
+    parser.add_argument("--seed", type=_integer_at_least(0),
+                        help="master seed (overrides the scenario's)")
+    parser.add_argument("--workers", type=_integer_at_least(1), default=1,
                         help="processes to split the hosts across (same trace hash; pays off "
                              "from a few hundred nodes; default 1)")
     parser.add_argument("--compiled", action="store_true",
@@ -87,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--out: {out_dir} exists and is not a directory", file=sys.stderr)
         return 2
     if args.compiled:
-        problem = _enter_compiled_tree(sys.argv[1:] if argv is None else argv)
+        problem = compiled.enter_tree(["-m", "sim", *(sys.argv[1:] if argv is None else argv)])
         if problem is not None:
             print(problem, file=sys.stderr)
             return 3
@@ -107,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"detection {key}: median {detection[key]['median']:g} s, "
                   f"max {detection[key]['max']:g} s over {detection[key]['count']} crashes")
     print(f"results in {out_dir}/")
-    print(f"code {'compiled (mypyc)' if compiled.running_compiled() else 'interpreted'}")
+    print(f"code {compiled.mode()}")
     print(f"seed {summary['seed']}  trace {summary['trace_hash']}")
     if result.violations:
         for violation in result.violations:

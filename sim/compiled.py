@@ -221,6 +221,26 @@ def running_compiled() -> bool:
                       importlib.machinery.ExtensionFileLoader)
 
 
+def mode() -> str:
+    """How this interpreter runs the code, as the CLI and the benchmark print it."""
+    return "compiled (mypyc)" if running_compiled() else "interpreted"
+
+
+def enter_tree(interpreter_args: Sequence[str]) -> str | None:
+    """Re-execute ``python -P <interpreter_args>`` in the compiled tree (building it first;
+    this process ends there), or say in one line why not. Inside the tree: check that the
+    code really is compiled."""
+    if not in_tree():
+        try:
+            tree = ensure_tree()
+        except BuildError as error:
+            return str(error)
+        exec_in_tree(tree, interpreter_args)
+    if not running_compiled():
+        return f"--compiled: the tree {os.environ[TREE_ENV]} does not provide the compiled modules"
+    return None
+
+
 def exec_in_tree(tree: Path, interpreter_args: Sequence[str]) -> NoReturn:
     """Replace this process by ``python -P <interpreter_args>`` importing from tree.
 
